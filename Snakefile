@@ -1,0 +1,14 @@
+# kn: Knowledge Neurons (Dai et al., ACL 2022), end to end.
+#   snakemake --cores 2                                        # the embedded default (kn-tiny)
+#   snakemake --cores 2 --config 'overrides=["data.relations=[P101]"]'
+# The config comes from conf/ through Hydra's compose API (workflow/rules/common.smk).
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    input:
+        all_targets,
+    default_target: True

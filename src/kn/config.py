@@ -1,0 +1,102 @@
+"""Compose the project config with Hydra's compose API.
+
+The compose API (unlike ``@hydra.main``) never changes directory and never writes an
+``outputs/`` folder, so the Snakefile and every stage CLI can call it freely.
+``conf/`` is located relative to the package (or ``$KN_CONF_DIR``), never the cwd.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ConfigError(ValueError):
+    """A config key or value the pipeline cannot use; the message names it."""
+
+
+def conf_dir() -> Path:
+    """The directory holding ``config.yaml`` (``$KN_CONF_DIR`` wins)."""
+    path = Path(os.environ.get("KN_CONF_DIR", REPO_ROOT / "conf")).resolve()
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"no config.yaml in {path}; set KN_CONF_DIR to the project's conf/ directory")
+    return path
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``conf/config.yaml`` with Hydra override strings (``key=value``) and validate it."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except Exception as exc:  # Hydra's own errors are terse; name the overrides
+        raise ConfigError(f"cannot compose config with overrides {list(overrides)}: {exc}") from exc
+    from kn.schema import validate_config
+
+    validate_config(cfg)
+    return cfg
+
+
+def to_container(cfg: DictConfig | Any) -> Any:
+    """Resolved plain-Python copy of a config node (for JSON metadata)."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def flatten_overrides(cfg: DictConfig, sections: Sequence[str]) -> list[str]:
+    """Turn the named config sections into ``key=value`` overrides a stage CLI re-composes.
+
+    Snakemake passes these strings as ``params:``; any change in a section a stage reads
+    changes its params and so reruns exactly that stage's jobs.
+    """
+    out: list[str] = []
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            if not node:
+                out.append(f"{prefix}={{}}")
+            for key, value in node.items():
+                walk(f"{prefix}.{key}", value)
+        else:
+            out.append(f"{prefix}={_hydra_literal(node)}")
+
+    for section in sections:
+        node = OmegaConf.select(cfg, section)
+        if node is None and section not in cfg:
+            raise ConfigError(f"config has no section {section!r}")
+        walk(section, to_container(node))
+    return out
+
+
+def _hydra_literal(value: Any) -> str:
+    """Render a plain value in Hydra's override grammar."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra_literal(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if _looks_numeric(text) or text == "" or any(c in text for c in " ,[]{}()=:'\"\\*?$@#!") or text.lower() in {"null", "true", "false"}:
+        return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return text
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

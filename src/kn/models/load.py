@@ -1,0 +1,95 @@
+"""Load any Hugging Face masked LM (by id or local directory) with clear failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from kn.models.arch import ffn_layout
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says how to provide it."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("ig.device=cuda but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
+def model_location(model_cfg: Any, results_dir: str | Path = "results") -> str:
+    """Where the weights live: the trained organism's directory, or the configured id/path."""
+    if model_cfg.source == "trained":
+        return str(Path(results_dir) / model_cfg.name / "model")
+    return str(model_cfg.path)
+
+
+def _looks_local(spec: str) -> bool:
+    """A path rather than a Hub id ("org/name" has exactly one slash and no leading ./ or /)."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1
+
+
+def load_masked_lm(
+    spec: str | Path,
+    device: torch.device | str = "cpu",
+    layer_norm_eps: float | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model + tokenizer in eval mode, fp32, on ``device``.
+
+    ``layer_norm_eps`` overrides every LayerNorm's epsilon (the authors' BERT used 1e-5,
+    SPEC §1). Unsupported architectures fail here, before any compute.
+    """
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if _looks_local(spec) or path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model path {spec!r} does not exist or is not a directory")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model path {spec!r} has no config.json; save the model with save_pretrained()")
+    kwargs: dict[str, Any] = {}
+    if layer_norm_eps is not None:
+        kwargs["layer_norm_eps"] = layer_norm_eps
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        model, info = AutoModelForMaskedLM.from_pretrained(
+            spec, dtype=torch.float32, output_loading_info=True, **kwargs
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"cannot load masked LM {spec!r}: {exc}\n"
+            "Provide the weights in one of these ways: (1) a local directory holding config.json, the "
+            "weights and the tokenizer: model.path=/path/to/dir; (2) a Hugging Face cache that already "
+            "holds the model (HF_HOME / HF_HUB_CACHE), with HF_HUB_OFFLINE=1 on offline machines; "
+            "(3) network access to the Hub with HF_HUB_OFFLINE unset."
+        ) from exc
+    head_missing = [k for k in info.get("missing_keys", []) if not _is_tied_decoder(k) and _is_head_key(k)]
+    if head_missing:
+        raise ModelLoadError(
+            f"{spec!r} has no trained masked-LM head (missing {head_missing[:3]}...); "
+            "knowledge neurons need a checkpoint saved from a *ForMaskedLM / *ForPreTraining model"
+        )
+    ffn_layout(model)  # fails early for architectures without an FFN map
+    if layer_norm_eps is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.eps = layer_norm_eps
+    model.to(device)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model, tokenizer
+
+
+def _is_head_key(key: str) -> bool:
+    return key.startswith(("cls.", "lm_head.", "vocab_", "generator_lm_head", "generator_predictions"))
+
+
+def _is_tied_decoder(key: str) -> bool:
+    """Decoders tied to the input embeddings are legitimately absent from checkpoints."""
+    return key.endswith("decoder.weight") or key == "lm_head.decoder.weight" or key.endswith("vocab_projector.weight")

@@ -1,0 +1,63 @@
+# Shared helpers: compose the Hydra config once, hand each rule its resolved values.
+import os
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from kn.config import compose_config, flatten_overrides
+from kn.data.pararel import fact_counts, load_relations, select_relations
+
+
+OVERRIDES = list(config.get("overrides", []))
+CFG = compose_config(OVERRIDES)
+CONDA_ENV = "../../environment.yml"  # relative to workflow/rules/; used with --use-conda
+RESULTS = CFG.results_dir
+MODEL = CFG.model.name
+RELATIONS = select_relations(list(load_relations(Path(CFG.data.resources_dir))), CFG.data.relations)
+FACT_COUNTS = fact_counts(Path(CFG.data.resources_dir), CFG.data.max_facts_per_relation)
+TARGETS = []  # every rules file appends its final outputs
+
+
+wildcard_constraints:
+    relation=r"P\d+",
+    model=r"[A-Za-z0-9_.\-]+",
+    shard=r"\d+",
+
+
+def stage_args(*sections):
+    """Resolved config sections as quoted key=value overrides for a stage CLI (use in params:)."""
+    return " ".join(shlex.quote(o) for o in flatten_overrides(CFG, sections))
+
+
+def study_facts(relation):
+    """Number of facts of ``relation`` that attribution and later stages study."""
+    n = FACT_COUNTS[relation]
+    cap = CFG.study.facts_per_relation
+    return n if cap is None else min(cap, n)
+
+
+def shards(relation):
+    """Shard ids of a relation's attribution (ig.facts_per_shard facts each)."""
+    per = CFG.ig.facts_per_shard
+    return [f"{k:03d}" for k in range((study_facts(relation) + per - 1) // per)]
+
+
+def pararel_resources(relation):
+    root = CFG.data.resources_dir
+    return [f"{root}/patterns/{relation}.jsonl", f"{root}/query_pairs.json", f"{root}/lama_relations.jsonl"]
+
+
+def log_path(output_path):
+    """Logs mirror output paths under results/logs/."""
+    return f"{RESULTS}/logs/{output_path}.log"
+
+
+def bench_path(output_path):
+    """Benchmarks mirror output paths under results/benchmarks/."""
+    return f"{RESULTS}/benchmarks/{output_path}.tsv"
+
+
+def all_targets(wildcards):
+    return TARGETS
