@@ -6,6 +6,14 @@
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/attribution.smk"
+include: "workflow/rules/neurons.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/edit.smk"
+include: "workflow/rules/distant.smk"
+include: "workflow/rules/report.smk"
+include: "workflow/rules/sweep.smk"
 
 
 rule all:

@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from kn.config import compose_config, flatten_overrides
 from kn.data.pararel import fact_counts, load_relations, select_relations
+from kn.models.load import model_location
 
 
 OVERRIDES = list(config.get("overrides", []))
@@ -18,6 +19,8 @@ MODEL = CFG.model.name
 RELATIONS = select_relations(list(load_relations(Path(CFG.data.resources_dir))), CFG.data.relations)
 FACT_COUNTS = fact_counts(Path(CFG.data.resources_dir), CFG.data.max_facts_per_relation)
 TARGETS = []  # every rules file appends its final outputs
+MODEL_DIR = f"{RESULTS}/{MODEL}"  # everything model-specific lives under results/<model alias>/
+MODEL_SPEC = model_location(CFG.model, RESULTS)  # trained dir, HF id or local path
 
 
 wildcard_constraints:
@@ -47,6 +50,15 @@ def shards(relation):
 def pararel_resources(relation):
     root = CFG.data.resources_dir
     return [f"{root}/patterns/{relation}.jsonl", f"{root}/query_pairs.json", f"{root}/lama_relations.jsonl"]
+
+
+def model_input():
+    """Input that makes a rule wait for the trained organism (nothing for pretrained models)."""
+    return [f"{MODEL_DIR}/model"] if CFG.model.source == "trained" else []
+
+
+def relation_data(relation):
+    return f"{RESULTS}/data/relations/{relation}.parquet"
 
 
 def log_path(output_path):
