@@ -44,6 +44,17 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
+def model_location(model_cfg: Any, results_dir: str | Path = "results") -> str:
+    """Where the weights live: the trained organism's directory, or the configured id/path.
+
+    Kept here, free of torch, because the Snakefile calls it at parse time (and every
+    cluster job re-parses the Snakefile: importing torch there costs seconds per job).
+    """
+    if model_cfg.source == "trained":
+        return str(Path(results_dir) / model_cfg.name / "model")
+    return str(model_cfg.path)
+
+
 def to_container(cfg: DictConfig | Any) -> Any:
     """Resolved plain-Python copy of a config node (for JSON metadata)."""
     if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):

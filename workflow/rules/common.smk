@@ -6,9 +6,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from kn.config import compose_config, flatten_overrides
+from kn.config import compose_config, flatten_overrides, model_location
 from kn.data.pararel import fact_counts, load_relations, select_relations
-from kn.models.load import model_location
 
 
 OVERRIDES = list(config.get("overrides", []))

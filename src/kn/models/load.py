@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from kn.config import model_location  # noqa: F401  (re-exported; lives in kn.config so the Snakefile need not import torch)
 from kn.models.arch import ffn_layout
 
 
@@ -21,13 +22,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("ig.device=cuda but torch sees no CUDA device (torch.cuda.is_available() is False)")
     return torch.device(name)
-
-
-def model_location(model_cfg: Any, results_dir: str | Path = "results") -> str:
-    """Where the weights live: the trained organism's directory, or the configured id/path."""
-    if model_cfg.source == "trained":
-        return str(Path(results_dir) / model_cfg.name / "model")
-    return str(model_cfg.path)
 
 
 def _looks_local(spec: str) -> bool:
