@@ -89,6 +89,8 @@ class EvaluateConfig:
     dose_ks: list[int] = field(default_factory=lambda: [1, 2, 3, 5, 10, 20, 50, 100, 200, 300])
     bootstrap: int = 1000
     inter_draws: int = 100
+    batch_size: int = 64
+    device: str = "auto"
 
 
 @dataclass
@@ -149,6 +151,7 @@ _CHOICES = {
     "ig.target": {"gold", "pred"},
     "ig.dtype": {"float32", "bfloat16"},
     "ig.device": {"auto", "cpu", "cuda"},
+    "evaluate.device": {"auto", "cpu", "cuda"},
     "erase.value": {"zero", "unk"},
 }
 
