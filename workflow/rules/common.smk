@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from kn.config import compose_config, flatten_overrides, model_location
 from kn.data.pararel import fact_counts, load_relations, select_relations
+from kn.integrity import quarantine_broken_parquet
 
 
 OVERRIDES = list(config.get("overrides", []))
@@ -20,6 +21,13 @@ FACT_COUNTS = fact_counts(Path(CFG.data.resources_dir), CFG.data.max_facts_per_r
 TARGETS = []  # every rules file appends its final outputs
 MODEL_DIR = f"{RESULTS}/{MODEL}"  # everything model-specific lives under results/<model alias>/
 MODEL_SPEC = model_location(CFG.model, RESULTS)  # trained dir, HF id or local path
+
+# A truncated/corrupt result file is moved aside before the DAG is built, so Snakemake
+# recomputes its job instead of handing it on (kn.integrity). Cluster jobs re-parse this
+# file: only the main process checks.
+if workflow.is_main_process:
+    for _broken, _moved in quarantine_broken_parquet(RESULTS):
+        print(f"kn: {_broken} is truncated or corrupt; moved to {_moved}, its job will rerun", file=sys.stderr)
 
 
 wildcard_constraints:
