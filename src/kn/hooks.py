@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from kn.models.arch import ffn_activation_modules
+from kn.models.arch import ffn_activation_modules, value_projections
 
 ActivationEdit = Callable[[torch.Tensor], "torch.Tensor | None"]
 
@@ -95,3 +95,33 @@ def scale_neurons(
 
     with ffn_hooks(model, {layer: make(units) for layer, units in by_layer.items()}):
         yield
+
+
+@contextlib.contextmanager
+def edited_value_slots(model: nn.Module, new_slots: Mapping[tuple[int, int], torch.Tensor]) -> Iterator[None]:
+    """Overwrite value slots (columns of the FFN output projection) for the body, then restore them.
+
+    Weight edits (SPEC §7, §8) are undone by copying back the saved columns, not by inverse
+    arithmetic, so the model is bit-identical afterwards (SPEC §11.8), even when the body
+    raises. Writes happen under ``torch.no_grad()`` (SPEC §11.7). Only the in-memory model
+    changes; nothing is written to disk.
+    """
+    projections = value_projections(model)
+    saved: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for (layer, unit), column in new_slots.items():
+                if not 0 <= layer < len(projections):
+                    raise IndexError(f"layer {layer} out of range: model has {len(projections)} FFN layers")
+                weight = projections[layer].weight
+                if not 0 <= unit < weight.shape[1]:
+                    raise IndexError(f"neuron {unit} out of range: layer {layer} has {weight.shape[1]} FFN units")
+                if column.shape != (weight.shape[0],):
+                    raise ValueError(f"value slot ({layer}, {unit}) needs shape ({weight.shape[0]},), got {tuple(column.shape)}")
+                saved.append((weight, unit, weight[:, unit].clone()))
+                weight[:, unit] = column.to(device=weight.device, dtype=weight.dtype)
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, unit, original in reversed(saved):
+                weight[:, unit] = original
