@@ -102,6 +102,8 @@ class EditConfig:
     ppl_facts: int = 5
     success_k: int = 5
     random_baseline: bool = True
+    kn_filter: str = "code"
+    batch_size: int = 64
 
 
 @dataclass
@@ -109,6 +111,7 @@ class EraseConfig:
     relations: list[str] = field(default_factory=lambda: ["P19", "P27", "P106", "P937"])
     top_k: int = 20
     value: str = "zero"
+    batch_size: int = 64
 
 
 @dataclass
@@ -153,6 +156,7 @@ _CHOICES = {
     "ig.device": {"auto", "cpu", "cuda"},
     "evaluate.device": {"auto", "cpu", "cuda"},
     "erase.value": {"zero", "unk"},
+    "edit.kn_filter": {"code", "paper"},
 }
 
 
