@@ -1,0 +1,157 @@
+"""A functional view of the post-LayerNorm encoder blocks of the supported masked LMs.
+
+Integrated gradients (SPEC §3) perturbs one position of one layer's FFN activation and
+must recompute only what depends on it: resume a block *after* its FFN activation, run
+the top block for the [MASK] row alone, apply the MLM head to that row alone. The HF
+modules cannot do that, so this module reads each block's parameters once (detached:
+no parameter ever enters an autograd graph) and reimplements the block's forward pass
+exactly (same operations, same order). Tests compare it with the unmodified HF model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kn.models.arch import ffn_layout
+
+BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+
+
+@dataclass(frozen=True)
+class Dense:
+    weight: Tensor
+    bias: Tensor | None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    @classmethod
+    def of(cls, linear: nn.Module) -> "Dense":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
+        return cls(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
+
+
+@dataclass(frozen=True)
+class Norm:
+    weight: Tensor
+    bias: Tensor
+    eps: float
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+    @classmethod
+    def of(cls, norm: nn.Module) -> "Norm":
+        if not isinstance(norm, nn.LayerNorm):
+            raise TypeError(f"expected nn.LayerNorm, got {type(norm).__name__}")
+        return cls(norm.weight.detach(), norm.bias.detach(), float(norm.eps))
+
+
+@dataclass(frozen=True)
+class EncoderBlock:
+    """One post-LN block: r = LN(x + O·attn(x)); out = LN(r + W2·act(W1·r))."""
+
+    query: Dense
+    key: Dense
+    value: Dense
+    attn_out: Dense
+    attn_norm: Norm
+    ffn_in: Dense
+    act: Callable[[Tensor], Tensor]
+    ffn_out: Dense
+    ffn_norm: Norm
+    num_heads: int
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """[B, T, H] -> [B, heads, T, H / heads]."""
+        batch, length, hidden = x.shape
+        return x.view(batch, length, self.num_heads, hidden // self.num_heads).transpose(1, 2)
+
+    def attention(self, queries: Tensor, keys: Tensor, key_mask: Tensor) -> Tensor:
+        """Attention sublayer output (after its residual LayerNorm) for the ``queries`` rows.
+
+        ``queries`` [B, Tq, H] are rows of ``keys`` [B, T, H] (all positions); ``key_mask``
+        [B, T] is True on real tokens. Padded keys get probability exactly 0, as in HF.
+        """
+        batch, q_len, hidden = queries.shape
+        context = F.scaled_dot_product_attention(
+            self._heads(self.query(queries)),
+            self._heads(self.key(keys)),
+            self._heads(self.value(keys)),
+            attn_mask=key_mask[:, None, None, :],
+        )
+        context = context.transpose(1, 2).reshape(batch, q_len, hidden)
+        return self.attn_norm(self.attn_out(context) + queries)
+
+    def ffn_from_activation(self, activation: Tensor, residual: Tensor) -> Tensor:
+        """Block output from a (possibly replaced) FFN activation and the attention sublayer output."""
+        return self.ffn_norm(self.ffn_out(activation) + residual)
+
+    def __call__(self, hidden: Tensor, key_mask: Tensor) -> Tensor:
+        residual = self.attention(hidden, hidden, key_mask)
+        return self.ffn_from_activation(self.act(self.ffn_in(residual)), residual)
+
+    def rows(self, hidden: Tensor, positions: Tensor, key_mask: Tensor) -> Tensor:
+        """Block output at one position per sequence ([B, H]); every position still serves as key."""
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions][:, None, :]
+        residual = self.attention(picked, hidden, key_mask)
+        return self.ffn_from_activation(self.act(self.ffn_in(residual)), residual)[:, 0]
+
+
+def _check_supported(model: nn.Module) -> str:
+    config = model.config
+    model_type = config.model_type
+    ffn_layout(model)  # unknown architectures fail with the FFN-map message
+    if model_type not in BERT_FAMILY + ("distilbert",):
+        raise ValueError(f"architecture {model_type!r} has no functional block map in kn.models.blocks")
+    if getattr(config, "is_decoder", False):
+        raise ValueError(f"{model_type} configured as a decoder (causal attention); IG expects a bidirectional encoder")
+    return model_type
+
+
+def encoder_blocks(model: nn.Module) -> list[EncoderBlock]:
+    """The model's blocks as :class:`EncoderBlock` (parameters detached, same device/dtype)."""
+    model_type = _check_supported(model)
+    layers = model.get_submodule(ffn_layout(model).layers)
+    blocks = []
+    for layer in layers:
+        if model_type == "distilbert":
+            attn = layer.attention
+            blocks.append(
+                EncoderBlock(
+                    Dense.of(attn.q_lin), Dense.of(attn.k_lin), Dense.of(attn.v_lin), Dense.of(attn.out_lin),
+                    Norm.of(layer.sa_layer_norm), Dense.of(layer.ffn.lin1), layer.ffn.activation,
+                    Dense.of(layer.ffn.lin2), Norm.of(layer.output_layer_norm), int(attn.n_heads),
+                )
+            )
+        else:
+            attn = layer.attention
+            blocks.append(
+                EncoderBlock(
+                    Dense.of(attn.self.query), Dense.of(attn.self.key), Dense.of(attn.self.value),
+                    Dense.of(attn.output.dense), Norm.of(attn.output.LayerNorm), Dense.of(layer.intermediate.dense),
+                    layer.intermediate.intermediate_act_fn, Dense.of(layer.output.dense),
+                    Norm.of(layer.output.LayerNorm), int(attn.self.num_attention_heads),
+                )
+            )
+    return blocks
+
+
+def mlm_head(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The masked-LM head as a function of final hidden states [..., H] -> logits [..., V]."""
+    model_type = _check_supported(model)
+    if model_type == "bert":
+        return model.cls
+    if model_type == "electra":
+        return lambda hidden: model.generator_lm_head(model.generator_predictions(hidden))
+    if model_type == "distilbert":
+        return lambda hidden: model.vocab_projector(
+            model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
+        )
+    return model.lm_head  # the RoBERTa family

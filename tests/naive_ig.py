@@ -1,0 +1,65 @@
+"""Naive integrated-gradients reference, written like the authors' code (SPEC §3).
+
+One prompt at a time, padded to 128; for every layer one batch of m copies through the
+*unmodified* HF model, a forward hook overwriting the whole FFN activation vector at
+[MASK] with step·k (a leaf that requires grad), and the gradient of the full-vocabulary
+softmax probability of the target with respect to that leaf. Shares no code with the
+fast path beyond the hook context managers, so agreement tests the fast path's algebra.
+Used by tests/test_attribution.py and benchmarks/attribution_benchmark.py.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kn.hooks import capture_activations, ffn_hooks
+from kn.models.arch import num_ffn_layers
+from kn.models.encoding import EncodedPrompts
+
+ALPHA_OFFSET = {"left": 0.0, "right": 1.0, "midpoint": 0.5}
+
+
+def naive_ig(
+    model: nn.Module,
+    encoded: EncodedPrompts,
+    target_ids: Sequence[int] | Tensor,
+    *,
+    m: int = 20,
+    alpha_rule: str = "left",
+    layers: Sequence[int] | None = None,
+    max_len: int = 128,
+) -> Tensor:
+    """IG scores [n_prompts, len(layers), ffn], float32 on CPU."""
+    device = next(model.parameters()).device
+    chosen = list(range(num_ffn_layers(model))) if layers is None else list(layers)
+    pad_id = model.config.pad_token_id or 0
+    multipliers = torch.arange(m, dtype=torch.float32, device=device) + ALPHA_OFFSET[alpha_rule]
+    results = []
+    for ids_list, position, target in zip(encoded.input_ids, encoded.mask_positions, list(target_ids)):
+        ids = torch.full((1, max_len), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((1, max_len), dtype=torch.long, device=device)
+        ids[0, : len(ids_list)] = torch.tensor(ids_list)
+        mask[0, : len(ids_list)] = 1
+        where = torch.tensor([position], device=device)
+        with torch.no_grad(), capture_activations(model, where, chosen) as captured:
+            model(input_ids=ids, attention_mask=mask)
+        per_layer = []
+        for layer in chosen:
+            step = captured[layer][0] / m  # (a - baseline) / num_points, baseline = 0
+            scaled = (step[None, :] * multipliers[:, None]).requires_grad_(True)
+
+            def overwrite(act: Tensor, scaled: Tensor = scaled) -> Tensor:
+                act = act.clone()
+                act[:, position, :] = scaled
+                return act
+
+            with torch.enable_grad(), ffn_hooks(model, {layer: overwrite}):
+                logits = model(input_ids=ids.expand(m, -1), attention_mask=mask.expand(m, -1)).logits
+                prob = torch.softmax(logits[:, position, :], dim=-1)[:, int(target)]
+                (grad,) = torch.autograd.grad(prob.sum(), scaled)
+            per_layer.append(step * grad.sum(dim=0))
+        results.append(torch.stack(per_layer).float().cpu())
+    return torch.stack(results)
