@@ -549,7 +549,9 @@ def summarize_updates(rows: pd.DataFrame, attempts: pd.DataFrame, success_k: int
             record["para_gold_after"] = float(edits["para_gold_after"].mean()) if has else math.nan
             prob_delta = edits["new_prob_after"] - edits["new_prob_before"]
             record["new_prob_delta"] = float(prob_delta.mean()) if has else math.nan
-            record["new_prob_ratio"] = float((prob_delta / edits["new_prob_before"]).mean()) if has else math.nan
+            # the authors' ratio; an fp32 probability of exactly 0 before would make it infinite, so such edits are left out
+            ratio = prob_delta[edits["new_prob_before"] > 0] / edits["new_prob_before"][edits["new_prob_before"] > 0]
+            record["new_prob_ratio"] = float(ratio.mean()) if len(ratio) else math.nan
             record["mr_before"] = float(edits["new_rank_before"].mean()) if has else math.nan
             record["mr_after"] = float(edits["new_rank_after"].mean()) if has else math.nan
             record["mrr_before"] = float((1.0 / edits["new_rank_before"]).mean()) if has else math.nan
