@@ -8,6 +8,7 @@ The compose API (unlike ``@hydra.main``) never changes directory and never write
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,6 +38,11 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = compose(config_name="config", overrides=list(overrides))
     except Exception as exc:  # Hydra's own errors are terse; name the overrides
+        unknown = re.match(r"Could not override '([^']+)'", str(exc))
+        if unknown:  # Hydra would suggest '+key=value', which the schema then rejects
+            from kn.schema import unknown_key_message
+
+            raise ConfigError(f"{unknown_key_message(unknown.group(1))}; overrides: {list(overrides)}") from exc
         raise ConfigError(f"cannot compose config with overrides {list(overrides)}: {exc}") from exc
     from kn.schema import validate_config
 

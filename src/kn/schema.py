@@ -6,6 +6,9 @@ Hydra already rejects overrides of unknown keys; this adds type checks on every 
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -164,12 +167,31 @@ def validate_config(cfg: DictConfig) -> None:
     """Raise ``kn.config.ConfigError`` naming the first bad key (type, unknown key, choice, range)."""
     from kn.config import ConfigError
 
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"config key {missing[0]!r} has no value (??? in conf/); set it, e.g. {missing[0]}=... on the command "
+            "line or in --config 'overrides=[...]'" + (f" (also unset: {', '.join(missing[1:])})" if missing[1:] else "")
+        )
     schema = OmegaConf.structured(KNConfig)
     try:
         OmegaConf.merge(schema, cfg)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError(f"config key {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}") from exc
+        raise ConfigError(_schema_error_message(schema, exc)) from exc
+    relations = cfg.data.relations
+    if not (isinstance(relations, str) or (OmegaConf.is_list(relations) and all(isinstance(r, str) for r in relations))):
+        raise ConfigError(
+            f"config key 'data.relations' = {relations!r}; expected 'all' or a list of relation ids, e.g. [P101,P19]"
+        )
+    if OmegaConf.is_list(relations) and len(relations) == 0:
+        raise ConfigError("config key 'data.relations' is empty: no facts selected; name relations, e.g. [P101,P19], or 'all'")
+    for key in ("data.max_facts_per_relation", "study.facts_per_relation"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"config key {key!r} = {value} selects no facts; expected a positive number or null (all)")
+    for key in ("ig.facts_per_shard", "ig.batch_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"config key {key!r} = {OmegaConf.select(cfg, key)}; expected >= 1")
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
@@ -190,3 +212,46 @@ def validate_config(cfg: DictConfig) -> None:
             )
     if cfg.ig.m < 1:
         raise ConfigError(f"config key 'ig.m' = {cfg.ig.m}; expected >= 1")
+
+
+def unknown_key_message(key: str) -> str:
+    """Name the first unknown part of a dotted key, the closest valid key and the valid keys there."""
+    section: Any = KNConfig
+    parts = key.split(".")
+    depth = 0
+    while depth < len(parts) - 1:
+        child = _section_type(section, parts[depth])
+        if child is None:
+            break
+        section, depth = child, depth + 1
+    known = [f.name for f in dataclasses.fields(section)]
+    if parts[depth] in known:  # a value or free mapping, indexed further
+        field_key = ".".join(parts[: depth + 1])
+        if typing.get_origin(typing.get_type_hints(section)[parts[depth]]) is dict:
+            return f"config key {field_key!r} is a mapping: add the new entry with +{key}=..."
+        return f"config key {field_key!r} is a value, not a section: {key!r} does not exist (see conf/config.yaml)"
+    close = difflib.get_close_matches(parts[depth], known, n=1)
+    suggestion = ".".join([*parts[:depth], close[0], *parts[depth + 1 :]]) if close else None
+    hint = f"; did you mean {suggestion!r}?" if suggestion else "."
+    where = f"under {'.'.join(parts[:depth])!r}" if depth else "at the top level"
+    return f"unknown config key {key!r}{hint} Valid keys {where}: {', '.join(known)} (see conf/config.yaml)"
+
+
+def _section_type(section: type, name: str) -> type | None:
+    """The dataclass of sub-section ``name`` of ``section`` (unwrapping Optional), or None."""
+    hint = typing.get_type_hints(section).get(name)
+    for candidate in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(candidate):
+            return candidate  # type: ignore[return-value]
+    return None
+
+
+def _schema_error_message(schema: DictConfig, exc: OmegaConfBaseException) -> str:
+    """One line per problem: the key, the offending value, what is expected (OmegaConf adds debug lines)."""
+    key = str(getattr(exc, "full_key", "") or "")
+    reason = str(getattr(exc, "msg", exc)).splitlines()[0]
+    if reason.startswith("Key ") and " not in " in reason:
+        return unknown_key_message(key)
+    expected = OmegaConf.select(schema, key.split("[")[0], default=None, throw_on_missing=False)
+    example = f"; its default is {expected!r}" if expected is not None and not OmegaConf.is_config(expected) else ""
+    return f"config key {key or '<root>'!r}: {reason}{example} (see conf/config.yaml)"

@@ -12,8 +12,11 @@ from kn.config import model_location  # noqa: F401  (re-exported; lives in kn.co
 from kn.models.arch import ffn_layout
 
 
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message says how to provide it."""
+class ModelLoadError(ValueError):
+    """The model could not be loaded; the message says how to provide it.
+
+    A ValueError (a bad model.path / ig.device value) so stage CLIs report it in one line.
+    """
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -43,7 +46,10 @@ def load_masked_lm(
     path = Path(spec).expanduser()
     if _looks_local(spec) or path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"model path {spec!r} does not exist or is not a directory")
+            raise ModelLoadError(
+                f"model path {spec!r} does not exist or is not a directory; set model.path to a directory written "
+                "by save_pretrained() (config.json, weights, tokenizer files) or to a Hugging Face id"
+            )
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model path {spec!r} has no config.json; save the model with save_pretrained()")
     kwargs: dict[str, Any] = {}

@@ -1,0 +1,157 @@
+"""Bad input stops the run with one clear message that names the culprit and the fix.
+
+Each case goes through what the user runs: a stage CLI (``kn.stages.cli.run_stage``, as
+Snakemake calls it) or ``snakemake`` itself, and checks the message the user reads.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kn.config import ConfigError, compose_config
+from kn.stages import ingest
+from kn.stages.cli import run_stage
+
+from .conftest import RESOURCES
+from .snakemake_runs import REPO, offline_env, run_snakemake
+
+
+def _stage_error(main, argv: list[str]) -> str:
+    """The one line a stage CLI exits with."""
+    with pytest.raises(SystemExit) as info:
+        run_stage(main, "test", argv)
+    return str(info.value.code)
+
+
+@pytest.fixture
+def broken_patterns(tmp_path: Path) -> Path:
+    """A copy of the ParaRel resources whose P101 pattern file has a broken JSON line 2."""
+    root = tmp_path / "pararel"
+    shutil.copytree(RESOURCES, root, ignore=shutil.ignore_patterns("*.gz"))
+    path = root / "patterns" / "P101.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].rstrip("}")
+    path.write_text("\n".join(lines) + "\n")
+    return root
+
+
+# --- malformed resource files -------------------------------------------------------------
+
+
+def test_malformed_pattern_file_reaches_the_cli_user(broken_patterns: Path, tmp_path: Path) -> None:
+    out = tmp_path / "P101.parquet"
+    result = subprocess.run(
+        [sys.executable, "-m", "kn.stages.ingest", "--relation", "P101", "--out", f"prompts={out}",
+         f"data.resources_dir={broken_patterns}"],
+        cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 1
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and "P101.jsonl:2: malformed JSON line" in last_line
+    assert 'expected {"pattern": ...}' in last_line and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_malformed_pattern_file_stops_snakemake_before_any_job(broken_patterns: Path, tmp_path: Path) -> None:
+    result = run_snakemake(
+        [], [f"results_dir={tmp_path / 'results'}", f"data.resources_dir={broken_patterns}"], "-n", timeout=120
+    )
+    assert result.returncode != 0
+    assert "P101.jsonl:2: malformed JSON line" in result.stderr + result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+def test_fact_file_that_is_not_json_is_named(tmp_path: Path) -> None:
+    root = tmp_path / "pararel"
+    shutil.copytree(RESOURCES, root, ignore=shutil.ignore_patterns("*.gz"))
+    (root / "query_pairs.json").write_text('{"P101": [["Alan Turing", "logic"],\n')
+    message = _stage_error(ingest.main, ["--relation", "P101", "--out", f"prompts={tmp_path / 'x.parquet'}",
+                                         f"data.resources_dir={root}"])
+    assert "query_pairs.json:2: malformed JSON" in message
+
+
+# --- relations and fact selection ---------------------------------------------------------
+
+
+def test_unknown_relation_lists_the_valid_ids(tmp_path: Path) -> None:
+    message = _stage_error(ingest.main, ["--relation", "P9999", "--out", f"prompts={tmp_path / 'x.parquet'}"])
+    assert "unknown relation(s) ['P9999']" in message and "valid ids: P101 P103" in message
+
+
+@pytest.mark.slow
+def test_unknown_relation_stops_snakemake(tmp_path: Path) -> None:
+    result = run_snakemake([], [f"results_dir={tmp_path}", "data.relations=[P101,P9999]"], "-n", timeout=120)
+    assert result.returncode != 0
+    assert "unknown relation(s) ['P9999'] in data.relations; valid ids: P101" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.max_facts_per_relation=0", "'data.max_facts_per_relation' = 0 selects no facts"),
+        ("study.facts_per_relation=0", "'study.facts_per_relation' = 0 selects no facts"),
+        ("data.relations=[]", "'data.relations' is empty: no facts selected"),
+    ],
+)
+def test_empty_selection_of_facts(override: str, expected: str, tmp_path: Path) -> None:
+    message = _stage_error(ingest.main, ["--relation", "P101", "--out", f"prompts={tmp_path / 'x.parquet'}", override])
+    assert expected in message
+
+
+def test_relations_of_the_wrong_type() -> None:
+    with pytest.raises(ConfigError, match=r"'data.relations' = \['P101', 5\]; expected 'all' or a list of relation ids"):
+        compose_config(["data.relations=[P101,5]"])
+
+
+# --- config keys --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("ig.m=abc", "config key 'ig.m': Value 'abc' of type 'str' could not be converted to Integer; its default is 20"),
+        ("ig.m=null", "config key 'ig.m': Incompatible value 'None' for field of type 'int'"),
+        ("ig.storage_ratio=high", "config key 'ig.storage_ratio': Value 'high' of type 'str' could not be converted to Float"),
+        ("ig.mm=3", "unknown config key 'ig.mm'; did you mean 'ig.m'? Valid keys under 'ig': m, alpha_rule"),
+        ("igg.m=3", "unknown config key 'igg.m'; did you mean 'ig.m'? Valid keys at the top level"),
+        ("model.train.lrr=0.1", "unknown config key 'model.train.lrr'; did you mean 'model.train.lr'?"),
+        ("+ig.foo=1", "unknown config key 'ig.foo'. Valid keys under 'ig'"),
+        ("ig.dtype=float16", "config key 'ig.dtype' = 'float16'; expected one of ['bfloat16', 'float32']"),
+        ("ig.facts_per_shard=0", "config key 'ig.facts_per_shard' = 0; expected >= 1"),
+    ],
+)
+def test_bad_config_key_is_named_by_the_stage_cli(override: str, expected: str, tmp_path: Path) -> None:
+    message = _stage_error(ingest.main, ["--relation", "P101", "--out", f"prompts={tmp_path / 'x.parquet'}", override])
+    assert message.startswith("config error: ") and expected in message
+    assert "full_key" not in message and "+ig.mm" not in message  # no OmegaConf debug lines, no Hydra '+' advice
+
+
+def test_bad_key_in_a_yaml_file_is_named(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO / "conf", conf)
+    with open(conf / "experiment" / "default.yaml", "a", encoding="utf-8") as handle:
+        handle.write("refine:\n  tt: 0.3\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KN_CONF_DIR", str(conf))
+        with pytest.raises(ConfigError, match=r"unknown config key 'refine.tt'; did you mean 'refine.t'\?"):
+            compose_config([])
+
+
+def test_unset_mandatory_key_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"config key 'model.path' has no value .*model.path=\.\.\."):
+        compose_config(["model=hf", "model.name=tiny"])
+
+
+def test_threshold_below_the_stored_floor_names_both_keys_and_the_fix() -> None:
+    with pytest.raises(ConfigError) as info:
+        compose_config(["refine.t=0.05", "ig.storage_ratio=0.1"])
+    message = str(info.value)
+    assert "'refine.t' = 0.05 is below ig.storage_ratio = 0.1" in message
+    assert "Use refine.t >= 0.1 or rerun attribution with a lower ig.storage_ratio" in message
+    compose_config(["refine.t=0.05", "ig.storage_ratio=0.05"])  # lowering the floor makes it valid
