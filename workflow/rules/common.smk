@@ -80,3 +80,23 @@ def bench_path(output_path):
 
 def all_targets(wildcards):
     return TARGETS
+
+
+def attribution_shards(relation):
+    """A relation's attribution score shards (docs/CONTRACTS.md, attribute)."""
+    return [f"{MODEL_DIR}/attributions/{relation}/{shard}.parquet" for shard in shards(relation)]
+
+
+def shard_prompt_tables(relation):
+    """The per-prompt tables written beside each attribution shard."""
+    return [f"{MODEL_DIR}/attributions/{relation}/{shard}.prompts.parquet" for shard in shards(relation)]
+
+
+def shard_args(paths):
+    """``--in scores<k>=<shard>`` flags: the stage reads each shard's .prompts.parquet from beside it."""
+    return " ".join(f"--in scores{k:03d}={shlex.quote(path)}" for k, path in enumerate(paths))
+
+
+def per_relation_args(name, paths):
+    """``--in <name>:<relation>=<path>`` flags, one per selected relation (same order as RELATIONS)."""
+    return " ".join(f"--in {name}:{rel}={shlex.quote(path)}" for rel, path in zip(RELATIONS, paths))

@@ -1,0 +1,395 @@
+"""Suppressing and amplifying knowledge neurons (SPEC §5), with controls and aggregation.
+
+The paper's measurement: per fact, scale its KNs' activations at [MASK] (x0 suppress,
+x2 amplify), all layers at once in one forward pass, on its own prompts and on the
+prompts of one randomly drawn fact of another relation, and report per relation the
+ratio of averages mean(Δp) / mean(p0). Beyond the paper: a layer-matched random-neuron
+control, a dose-response over the top-k neurons by attribution, and bootstrap CIs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kn.hooks import ffn_hooks
+from kn.models.encoding import EncodedPrompts
+
+log = logging.getLogger("kn.interventions")
+
+Neuron = tuple[int, int]
+
+# SPEC §12 ([2nd]): unweighted mean over the 34 relations of the per-relation own-prompt ratios.
+PAPER = {"suppress_own": {"ig": -0.2903, "base": -0.0147}, "amplify_own": {"ig": 0.3117, "base": -0.0127}}
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One forward row: prompt ``prompt`` with ``neurons`` scaled by ``factor`` at its [MASK]."""
+
+    prompt: int
+    neurons: tuple[Neuron, ...] = ()
+    factor: float = 1.0
+
+    def key(self) -> tuple[int, tuple[Neuron, ...], float]:
+        """Rows with equal keys give equal probabilities; an empty set is the unmodified model."""
+        if not self.neurons:
+            return (self.prompt, (), 1.0)
+        return (self.prompt, tuple(sorted(self.neurons)), float(self.factor))
+
+
+@contextlib.contextmanager
+def scale_neurons_per_row(
+    model: nn.Module, rows: Sequence[Intervention], positions: torch.Tensor
+) -> Iterator[None]:
+    """Like :func:`kn.hooks.scale_neurons`, but each batch row has its own neurons and factor.
+
+    Batching rows with different neuron sets (different facts, conditions, doses) into
+    one forward pass is what keeps evaluation fast; the arithmetic per element is the
+    same in-place multiply as ``scale_neurons`` (tested to match it). Built on
+    :func:`kn.hooks.ffn_hooks`, so the hooks are removed even if the body raises.
+    """
+    by_layer: dict[int, tuple[list[int], list[int], list[float]]] = {}
+    for row, item in enumerate(rows):
+        for layer, unit in item.neurons:
+            row_idx, unit_idx, factors = by_layer.setdefault(int(layer), ([], [], []))
+            row_idx.append(row)
+            unit_idx.append(int(unit))
+            factors.append(float(item.factor))
+
+    def make(row_idx: list[int], unit_idx: list[int], factors: list[float]):
+        rows_t = torch.tensor(row_idx, dtype=torch.long)
+        units_t = torch.tensor(unit_idx, dtype=torch.long)
+        factors_t = torch.tensor(factors, dtype=torch.float32)
+
+        def edit(act: torch.Tensor) -> torch.Tensor:
+            act = act.clone()
+            r = rows_t.to(act.device)
+            index = (r, positions.to(act.device)[r], units_t.to(act.device))
+            act[index] *= factors_t.to(device=act.device, dtype=act.dtype)
+            return act
+
+        return edit
+
+    with ffn_hooks(model, {layer: make(*spec) for layer, spec in sorted(by_layer.items())}):
+        yield
+
+
+def gold_probabilities(
+    model: nn.Module,
+    encoded: EncodedPrompts,
+    gold_ids: Sequence[int],
+    rows: Sequence[Intervention],
+    *,
+    pad_id: int,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> np.ndarray:
+    """P(gold | prompt) under each row's intervention: softmax over the full vocabulary at [MASK].
+
+    Identical rows (same prompt, neurons and factor; every empty set is the plain
+    model) are computed once. Rows run in batches of ``batch_size`` in the given order.
+    """
+    unique: dict[tuple, int] = {}
+    todo: list[Intervention] = []
+    for item in rows:
+        if item.key() not in unique:
+            unique[item.key()] = len(todo)
+            todo.append(item)
+    probs = np.empty(len(todo), dtype=np.float64)
+    starts = range(0, len(todo), batch_size)
+    with torch.no_grad():
+        for start in tqdm(starts, desc="forward batches", disable=not progress, mininterval=5):
+            chunk = todo[start : start + batch_size]
+            sub = EncodedPrompts(
+                [encoded.input_ids[r.prompt] for r in chunk], [encoded.mask_positions[r.prompt] for r in chunk]
+            )
+            input_ids, attention = sub.padded(pad_id, device)
+            positions = torch.tensor(sub.mask_positions, dtype=torch.long, device=device)
+            gold = torch.tensor([gold_ids[r.prompt] for r in chunk], dtype=torch.long, device=device)
+            with scale_neurons_per_row(model, chunk, positions):
+                logits = model(input_ids=input_ids, attention_mask=attention).logits
+            rows_t = torch.arange(len(chunk), device=device)
+            mask_logits = logits[rows_t, positions].float()
+            p = torch.softmax(mask_logits, dim=-1)[rows_t, gold]
+            probs[start : start + len(chunk)] = p.cpu().numpy()
+    return np.array([probs[unique[item.key()]] for item in rows], dtype=np.float64)
+
+
+def draw_other_facts(relations: Sequence[str], n_facts: Mapping[str, int], relation: str, seed: int) -> list[tuple[str, int]]:
+    """For each fact of ``relation``, the (relation, fact_id) of one fact of another relation.
+
+    Replays the authors' single stream (SPEC §5, §13): ``random.Random(seed)``, relations
+    in sorted order, facts in order, per fact ``choice(other relations)`` then
+    ``randint(0, N - 1)``. Relations before ``relation`` are replayed (cheap: no model
+    calls), so a per-relation job draws exactly what one process over all relations
+    would, and both methods get the same draws. Empty with fewer than two relations.
+    """
+    ordered = sorted(relations)
+    if relation not in ordered:
+        raise ValueError(f"relation {relation} is not among the selected relations {ordered}")
+    if len(ordered) < 2:
+        return []
+    rng = random.Random(seed)
+    for current in ordered:
+        others = [r for r in ordered if r != current]
+        draws = []
+        for _ in range(n_facts[current]):
+            other = rng.choice(others)
+            draws.append((other, rng.randint(0, n_facts[other] - 1)))
+        if current == relation:
+            return draws
+    raise AssertionError("unreachable: relation is in ordered")
+
+
+def layer_matched_random(reference: Sequence[Neuron], n_units: int, rng: np.random.Generator) -> list[Neuron]:
+    """For each neuron of ``reference`` (in order), a random neuron of the same layer.
+
+    Draws are without replacement and never hit a neuron of ``reference`` itself, so
+    the control has the same size and layer profile but no overlap. Prefixes of the
+    result are layer-matched to prefixes of ``reference`` (used for the dose curve).
+    """
+    taken = set(reference)
+    out: list[Neuron] = []
+    for layer, _ in reference:
+        free = n_units - sum(1 for (l, _u) in taken if l == layer)
+        if free <= 0:
+            raise ValueError(f"layer {layer} has no neuron left to draw for the random control ({n_units} units)")
+        while True:
+            candidate = (int(layer), int(rng.integers(n_units)))
+            if candidate not in taken:
+                break
+        taken.add(candidate)
+        out.append(candidate)
+    return out
+
+
+def rank_by_attribution(scores: pd.DataFrame) -> dict[int, list[Neuron]]:
+    """Per fact, its neurons ranked by the sum over prompts of score / that prompt's max.
+
+    Normalising by each prompt's maximum keeps one high-magnitude prompt from dominating
+    (the same scale-free view as the coarse threshold t x max). Only stored scores exist
+    (>= ig.storage_ratio x max); unstored ones count as 0, so a fact may rank fewer
+    neurons than the largest dose k. Ties: ascending (layer, neuron).
+    """
+    if scores.empty:
+        return {}
+    prompt_max = scores.groupby(["fact_id", "template_id"])["score"].transform("max").to_numpy(dtype=np.float64)
+    frame = scores[["fact_id", "layer", "neuron"]].assign(weight=scores["score"].to_numpy(dtype=np.float64) / prompt_max)
+    totals = frame.groupby(["fact_id", "layer", "neuron"], as_index=False)["weight"].sum()
+    totals = totals.sort_values(["fact_id", "weight", "layer", "neuron"], ascending=[True, False, True, True], kind="stable")
+    return {
+        int(fact): list(zip(group["layer"].astype(int), group["neuron"].astype(int)))
+        for fact, group in totals.groupby("fact_id", sort=True)
+    }
+
+
+def fact_sums(results: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """Per fact (and ``keys``): Σ p0, Σ Δ_suppress, Σ Δ_amplify over its prompts, and #neurons."""
+    frame = results.assign(
+        d_suppress=results["p_suppress"] - results["p0"], d_amplify=results["p_amplify"] - results["p0"]
+    )
+    return frame.groupby([*keys, "fact_id"], as_index=False, sort=True).agg(
+        p0=("p0", "sum"), d_suppress=("d_suppress", "sum"), d_amplify=("d_amplify", "sum"),
+        n_neurons=("n_neurons", "first"), n_prompts=("p0", "size"),
+    )
+
+
+def ratio_of_averages(delta: np.ndarray, p0: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """mean(Δp) / mean(p0) over prompts, from per-fact sums (prompt counts cancel).
+
+    ``delta`` and ``p0`` are [..., n_facts] per-fact sums; ``weights`` (same shape or
+    broadcastable) are how often each fact counts (bootstrap multiplicities, or a 0/1
+    mask for the variant without zero-KN facts). NaN where no p0 mass is left.
+    """
+    w = np.ones_like(p0) if weights is None else weights
+    num = (delta * w).sum(axis=-1)
+    den = (p0 * w).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def bootstrap_counts(n_facts: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """[resamples, n_facts] multiplicities of the facts in ``resamples`` draws with replacement."""
+    idx = rng.integers(0, n_facts, size=(resamples, n_facts))
+    counts = np.zeros((resamples, n_facts), dtype=np.float64)
+    np.add.at(counts, (np.arange(resamples)[:, None], idx), 1.0)
+    return counts
+
+
+SUMMARY_COLUMNS = ["relation", "method", "metric", "variant", "ratio", "ci_low", "ci_high", "n_facts"]
+
+
+def summarize(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
+    """Per relation and overall (unweighted mean over relations) ratio of averages, with 95% CIs.
+
+    ``results`` holds per-prompt rows (relation, target own/other, method, fact_id,
+    n_neurons, p0, p_suppress, p_amplify). Metrics: suppress/amplify x own/other (the
+    paper's rm_own, eh_own, rm_oth, eh_oth). Variants: "all" facts (zero-KN facts count
+    with Δ = 0, as in the paper) and "with_kn" (only facts whose set is non-empty).
+    CIs: percentile bootstrap over facts within each relation, one resampling per
+    relation (relations in sorted order, ``np.random.default_rng(seed)``) shared by all
+    methods, targets and metrics, so comparisons are paired; the overall CI averages the
+    resampled relation ratios (relations fixed, facts resampled).
+    """
+    sums = fact_sums(results, ["relation", "target", "method"])
+    rng = np.random.default_rng(seed)
+    stats: dict[tuple[str, str, str], dict[str, tuple[float, np.ndarray, int]]] = {}
+    for relation, rel in sums.groupby("relation", sort=True):
+        facts = np.sort(rel["fact_id"].unique())
+        counts = bootstrap_counts(len(facts), resamples, rng) if resamples > 0 else None
+        for (target, method), group in rel.groupby(["target", "method"], sort=True):
+            pos = np.searchsorted(facts, group["fact_id"].to_numpy())
+
+            def spread(values: np.ndarray) -> np.ndarray:
+                out = np.zeros(len(facts))
+                out[pos] = values
+                return out
+
+            p0 = spread(group["p0"].to_numpy())
+            masks = {"all": spread(np.ones(len(group))), "with_kn": spread((group["n_neurons"].to_numpy() > 0) * 1.0)}
+            for op in ("suppress", "amplify"):
+                delta = spread(group[f"d_{op}"].to_numpy())
+                for variant, mask in masks.items():
+                    ratio = float(ratio_of_averages(delta, p0, mask))
+                    samples = ratio_of_averages(delta, p0, counts * mask) if counts is not None else np.full(1, np.nan)
+                    stats.setdefault((method, f"{op}_{target}", variant), {})[relation] = (ratio, samples, int(mask.sum()))
+    rows = []
+    for (method, metric, variant), by_relation in sorted(stats.items()):
+        for relation, (ratio, samples, n) in by_relation.items():
+            rows.append(_summary_row(relation, method, metric, variant, ratio, samples, n))
+        ratios = np.array([r for r, _, _ in by_relation.values()])
+        samples = np.stack([s for _, s, _ in by_relation.values()])
+        with warnings.catch_warnings():  # all-NaN (no relation has a fact with KNs): NaN is the answer
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, mean_samples = float(np.nanmean(ratios)), np.nanmean(samples, axis=0)
+        n_total = sum(n for _, _, n in by_relation.values())
+        rows.append(_summary_row("mean", method, metric, variant, mean, mean_samples, n_total))
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _summary_row(relation: str, method: str, metric: str, variant: str, ratio: float, samples: np.ndarray, n: int) -> dict:
+    finite = samples[np.isfinite(samples)]
+    low, high = np.percentile(finite, [2.5, 97.5]) if finite.size else (np.nan, np.nan)
+    return {"relation": relation, "method": method, "metric": metric, "variant": variant, "ratio": ratio,
+            "ci_low": float(low), "ci_high": float(high), "n_facts": n}
+
+
+def summarize_dose(dose: pd.DataFrame) -> pd.DataFrame:
+    """Dose-response: per relation, method and k the suppression ratio of averages, plus the mean over relations."""
+    frame = dose.assign(d_suppress=dose["p_suppress"] - dose["p0"])
+    per = frame.groupby(["relation", "method", "k"], as_index=False, sort=True).agg(
+        p0=("p0", "sum"), d_suppress=("d_suppress", "sum"), n_neurons=("n_neurons", "mean")
+    )
+    per["ratio"] = ratio_of_averages(per["d_suppress"].to_numpy()[:, None], per["p0"].to_numpy()[:, None])
+    mean = per.groupby(["method", "k"], as_index=False, sort=True).agg(ratio=("ratio", "mean"), n_neurons=("n_neurons", "mean"))
+    mean.insert(0, "relation", "mean")
+    return pd.concat([per[["relation", "method", "k", "ratio", "n_neurons"]], mean], ignore_index=True)
+
+
+@dataclass
+class EvaluationInputs:
+    """Everything one relation's evaluation needs, already resolved to prompt indices.
+
+    ``prompts`` has one row per encoded prompt (relation, fact_id, template_id), aligned
+    with ``encoded`` and ``gold_ids``. ``neuron_sets[method][fact]`` is the set a method
+    scales (the KN list, or the random control); ``rankings[method][fact]`` its neurons
+    by decreasing attribution for the dose curve; ``draws[fact]`` the other-relation fact.
+    """
+
+    relation: str
+    encoded: EncodedPrompts
+    gold_ids: Sequence[int]
+    prompts: pd.DataFrame
+    facts: Sequence[int]
+    draws: Mapping[int, tuple[str, int]]
+    neuron_sets: Mapping[str, Mapping[int, Sequence[Neuron]]]
+    rankings: Mapping[str, Mapping[int, Sequence[Neuron]]]
+
+
+RESULT_COLUMNS = ["relation", "fact_id", "target", "prompt_relation", "prompt_fact_id", "template_id", "method",
+                  "n_neurons", "p0", "p_suppress", "p_amplify"]
+DOSE_COLUMNS = ["relation", "fact_id", "template_id", "method", "k", "n_neurons", "p0", "p_suppress"]
+
+
+def evaluate_relation(
+    model: nn.Module,
+    inputs: EvaluationInputs,
+    *,
+    suppress_factor: float,
+    amplify_factor: float,
+    dose_ks: Sequence[int],
+    pad_id: int,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-prompt probabilities for suppress/amplify (own and other prompts) and the dose curve.
+
+    Every (prompt, neuron set, factor) is one row of a batched forward pass; the rows of
+    all facts, methods and doses share batches. The dose curve suppresses the top-k
+    ranked neurons on the fact's own prompts: len(dose_ks) x len(methods) extra rows per
+    prompt (fewer when a ranking is shorter than k and the sets repeat).
+    """
+    index = {(r, f, t): i for i, (r, f, t) in enumerate(zip(inputs.prompts["relation"], inputs.prompts["fact_id"],
+                                                          inputs.prompts["template_id"]))}
+    by_fact: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for (rel, fact, template), i in sorted(index.items()):
+        by_fact.setdefault((rel, fact), []).append((template, i))
+
+    plan: list[tuple[str, dict]] = []  # (table, row metadata) aligned with rows
+    rows: list[Intervention] = []
+    for fact in inputs.facts:
+        targets = [("own", (inputs.relation, fact))]
+        if fact in inputs.draws:
+            targets.append(("other", inputs.draws[fact]))
+        for target, (prompt_rel, prompt_fact) in targets:
+            if (prompt_rel, prompt_fact) not in by_fact:  # e.g. a drawn fact whose object is not one token
+                log.warning("%s fact %d: no prompts for %s fact %s %d; skipped", inputs.relation, fact, target,
+                            prompt_rel, prompt_fact)
+                continue
+            for template, i in by_fact[(prompt_rel, prompt_fact)]:
+                for method, sets in inputs.neuron_sets.items():
+                    neurons = tuple(sets.get(fact, ()))
+                    meta = {"relation": inputs.relation, "fact_id": fact, "target": target, "prompt_relation": prompt_rel,
+                            "prompt_fact_id": prompt_fact, "template_id": template, "method": method,
+                            "n_neurons": len(neurons)}
+                    for column, factor in (("p0", 1.0), ("p_suppress", suppress_factor), ("p_amplify", amplify_factor)):
+                        plan.append(("result", {**meta, "column": column}))
+                        rows.append(Intervention(i, () if column == "p0" else neurons, factor))
+        for template, i in by_fact[(inputs.relation, fact)]:
+            for method, ranking in inputs.rankings.items():
+                ranked = list(ranking.get(fact, ()))
+                for k in dose_ks:
+                    neurons = tuple(ranked[:k])
+                    meta = {"relation": inputs.relation, "fact_id": fact, "template_id": template, "method": method,
+                            "k": k, "n_neurons": len(neurons)}
+                    for column, factor in (("p0", 1.0), ("p_suppress", suppress_factor)):
+                        plan.append(("dose", {**meta, "column": column}))
+                        rows.append(Intervention(i, () if column == "p0" else neurons, factor))
+    log.info("%s: %d intervention rows (%d distinct forward rows)", inputs.relation, len(rows),
+             len({r.key() for r in rows}))
+    probs = gold_probabilities(model, inputs.encoded, inputs.gold_ids, rows, pad_id=pad_id, batch_size=batch_size,
+                               device=device, progress=True)
+    return _pivot(plan, probs, "result", RESULT_COLUMNS), _pivot(plan, probs, "dose", DOSE_COLUMNS)
+
+
+def _pivot(plan: list[tuple[str, dict]], probs: np.ndarray, table: str, columns: list[str]) -> pd.DataFrame:
+    """Gather the probability rows of one table into one row per (prompt, method[, k])."""
+    records: dict[tuple, dict] = {}
+    for (kind, meta), p in zip(plan, probs):
+        if kind != table:
+            continue
+        key = tuple(v for k, v in meta.items() if k != "column")
+        records.setdefault(key, {k: v for k, v in meta.items() if k != "column"})[meta["column"]] = float(p)
+    return pd.DataFrame(list(records.values()), columns=columns)
