@@ -54,15 +54,19 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_roberta_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny RobertaForMaskedLM with a byte-level BPE tokenizer trained on a few sentences."""
     import torch
-    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers import AddedToken, ByteLevelBPETokenizer
     from transformers import RobertaConfig, RobertaForMaskedLM, RobertaTokenizerFast
 
     directory = tmp_path_factory.mktemp("tiny-roberta")
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([" ".join(TINY_WORDS)] * 5, vocab_size=300, min_frequency=1,
+    bpe.train_from_iterator([" ".join(TINY_WORDS)] * 5, vocab_size=1000, min_frequency=1,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     bpe.save_model(str(directory))
-    tokenizer = RobertaTokenizerFast(vocab_file=str(directory / "vocab.json"), merges_file=str(directory / "merges.txt"))
+    # transformers 5 ignores vocab_file/merges_file here: pass the trained vocab and merges themselves
+    merges = [tuple(line.split()) for line in (directory / "merges.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#version")]
+    # like roberta-base, "<mask>" absorbs the space before it
+    tokenizer = RobertaTokenizerFast(vocab=bpe.get_vocab(), merges=merges, mask_token=AddedToken("<mask>", lstrip=True))
     torch.manual_seed(0)
     config = RobertaConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=32, num_hidden_layers=2,
                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=70,
