@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -168,35 +168,74 @@ def _precision(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
         raise ValueError(f"dtype {dtype}; expected torch.float32 or torch.bfloat16")
 
 
+@dataclass
+class _LayerCache:
+    """Plain-pass values around layer l for a chunk of prompts, shared by all m steps (prefix caching)."""
+
+    residual: Tensor  # [B, H]: layer l's attention-sublayer output at [MASK] (the edit leaves it unchanged)
+    output: Tensor  # [B, T, H]: layer l's plain output = block l+1's input
+    next_qkv: tuple[Tensor, Tensor, Tensor] | None  # block l+1's q, k, v of ``output``; None for the top layer
+
+    def rows(self, index: Tensor) -> "_LayerCache":
+        qkv = None if self.next_qkv is None else tuple(t[index] for t in self.next_qkv)
+        return _LayerCache(self.residual[index], self.output[index], qkv)  # type: ignore[arg-type]
+
+
+def _layer_cache(blocks: list[EncoderBlock], layer: int, hidden: tuple[Tensor, ...], positions: Tensor,
+                 key_mask: Tensor) -> _LayerCache:
+    """``hidden`` are the plain pass's hidden states (embeddings, then each block's output)."""
+    with torch.no_grad():
+        rows = torch.arange(positions.shape[0], device=positions.device)
+        picked = hidden[layer][rows, positions][:, None, :]
+        residual = blocks[layer].attention(picked, hidden[layer], key_mask)[:, 0]
+        output = hidden[layer + 1]
+        next_qkv = blocks[layer + 1].qkv(output) if layer + 1 < len(blocks) else None
+    return _LayerCache(residual, output, next_qkv)
+
+
 def _target_prob_from_layer(
     blocks: list[EncoderBlock],
-    head,
+    head: Callable[[Tensor], Tensor],
     layer: int,
     scaled: Tensor,
-    residual: Tensor,
-    layer_output: Tensor,
+    cache: _LayerCache,
     key_mask: Tensor,
     positions: Tensor,
     targets: Tensor,
 ) -> Tensor:
-    """P(target) per row when layer ``layer``'s FFN activation at [MASK] is ``scaled`` [R, F].
+    """P(target) per row [R] when layer ``layer``'s FFN activation at [MASK] is ``scaled`` [R, F].
 
-    ``residual`` [R, H] is that layer's attention-sublayer output at [MASK] and
-    ``layer_output`` [R, T, H] its plain output (other positions are unchanged by the edit).
+    Only the [MASK] row of layer l's output changes. Block l+1 reuses the cached q, k, v
+    of every other row (their inputs are unchanged); blocks l+2 .. L-2 run on all rows;
+    the top block and the head run on the [MASK] row alone.
     """
-    mask_row = blocks[layer].ffn_from_activation(scaled, residual)
+    mask_row = blocks[layer].ffn_from_activation(scaled, cache.residual)  # [R, H]
     top = len(blocks) - 1
     if layer == top:
-        final = mask_row
-    else:
-        is_mask = torch.zeros(key_mask.shape, dtype=torch.bool, device=key_mask.device)
-        is_mask[torch.arange(is_mask.shape[0], device=is_mask.device), positions] = True
-        hidden = torch.where(is_mask[:, :, None], mask_row[:, None, :].to(layer_output.dtype), layer_output)
-        for block in blocks[layer + 1 : top]:
-            hidden = block(hidden, key_mask)
-        final = blocks[top].rows(hidden, positions, key_mask)
-    probs = torch.softmax(head(final).float(), dim=-1)
-    return probs.gather(1, targets[:, None])[:, 0]
+        return _prob(head(mask_row), targets)
+    assert cache.next_qkv is not None
+    following = blocks[layer + 1]
+    is_mask = torch.zeros(key_mask.shape, dtype=torch.bool, device=key_mask.device)
+    is_mask[torch.arange(is_mask.shape[0], device=is_mask.device), positions] = True
+    at_mask = is_mask[:, :, None]
+    q_row, k_row, v_row = following.qkv(mask_row)
+    q_all, k_all, v_all = cache.next_qkv
+    k = torch.where(at_mask, k_row[:, None, :], k_all)
+    v = torch.where(at_mask, v_row[:, None, :], v_all)
+    if layer + 1 == top:
+        final = following.ffn(following.attend(mask_row[:, None, :], q_row[:, None, :], k, v, key_mask))[:, 0]
+        return _prob(head(final), targets)
+    inputs = torch.where(at_mask, mask_row[:, None, :], cache.output)
+    q = torch.where(at_mask, q_row[:, None, :], q_all)
+    hidden = following.ffn(following.attend(inputs, q, k, v, key_mask))
+    for block in blocks[layer + 2 : top]:
+        hidden = block(hidden, key_mask)
+    return _prob(head(blocks[top].rows(hidden, positions, key_mask)), targets)
+
+
+def _prob(logits: Tensor, targets: Tensor) -> Tensor:
+    """Full-vocabulary softmax probability of each row's target (SPEC §0: a probability, not a log)."""
+    return torch.softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
 
 
 def ig_attribution(
@@ -238,19 +277,15 @@ def ig_attribution(
         row_prompt = torch.arange(n_rows, device=device) // m
         row_alpha = steps.to(device)[torch.arange(n_rows, device=device) % m]
         for slot, layer in enumerate(chosen):
+            cache = _layer_cache(blocks, layer, hidden, positions, key_mask)
             step = acts[:, slot] / m  # [B, F]: the authors' step (a - baseline) / m
-            rows = torch.arange(len(chunk), device=device)
-            with torch.no_grad():
-                picked = hidden[layer][rows, positions][:, None, :]
-                residual = blocks[layer].attention(picked, hidden[layer], key_mask)[:, 0]
             grad_sum = torch.zeros_like(step, dtype=torch.float32)
             for start in range(0, n_rows, batch_size):
                 p = row_prompt[start : start + batch_size]
                 scaled = (step[p] * row_alpha[start : start + batch_size, None]).requires_grad_(True)
                 with torch.enable_grad(), _precision(device, dtype):
                     prob = _target_prob_from_layer(
-                        blocks, head, layer, scaled, residual[p], hidden[layer + 1][p], key_mask[p],
-                        positions[p], targets[p],
+                        blocks, head, layer, scaled, cache.rows(p), key_mask[p], positions[p], targets[p]
                     )
                 (grad,) = torch.autograd.grad(prob.sum(), scaled)
                 grad_sum.index_add_(0, p, grad.float())

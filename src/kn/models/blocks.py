@@ -73,35 +73,43 @@ class EncoderBlock:
         batch, length, hidden = x.shape
         return x.view(batch, length, self.num_heads, hidden // self.num_heads).transpose(1, 2)
 
-    def attention(self, queries: Tensor, keys: Tensor, key_mask: Tensor) -> Tensor:
-        """Attention sublayer output (after its residual LayerNorm) for the ``queries`` rows.
+    def qkv(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Query, key and value projections of ``hidden`` [..., H]."""
+        return self.query(hidden), self.key(hidden), self.value(hidden)
 
-        ``queries`` [B, Tq, H] are rows of ``keys`` [B, T, H] (all positions); ``key_mask``
-        [B, T] is True on real tokens. Padded keys get probability exactly 0, as in HF.
+    def attend(self, queries: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
+        """Attention sublayer output (after its residual LayerNorm) for the ``queries`` rows [B, Tq, H].
+
+        ``q`` [B, Tq, H] are their query projections; ``k``, ``v`` [B, T, H] the projections of
+        every position; ``key_mask`` [B, T] is True on real tokens. Padded keys get
+        probability exactly 0, as in HF.
         """
         batch, q_len, hidden = queries.shape
         context = F.scaled_dot_product_attention(
-            self._heads(self.query(queries)),
-            self._heads(self.key(keys)),
-            self._heads(self.value(keys)),
-            attn_mask=key_mask[:, None, None, :],
+            self._heads(q), self._heads(k), self._heads(v), attn_mask=key_mask[:, None, None, :]
         )
         context = context.transpose(1, 2).reshape(batch, q_len, hidden)
         return self.attn_norm(self.attn_out(context) + queries)
+
+    def attention(self, queries: Tensor, keys: Tensor, key_mask: Tensor) -> Tensor:
+        """:meth:`attend` with the projections computed here (``queries`` are rows of ``keys``)."""
+        return self.attend(queries, self.query(queries), self.key(keys), self.value(keys), key_mask)
 
     def ffn_from_activation(self, activation: Tensor, residual: Tensor) -> Tensor:
         """Block output from a (possibly replaced) FFN activation and the attention sublayer output."""
         return self.ffn_norm(self.ffn_out(activation) + residual)
 
-    def __call__(self, hidden: Tensor, key_mask: Tensor) -> Tensor:
-        residual = self.attention(hidden, hidden, key_mask)
+    def ffn(self, residual: Tensor) -> Tensor:
+        """Block output from the attention sublayer output."""
         return self.ffn_from_activation(self.act(self.ffn_in(residual)), residual)
+
+    def __call__(self, hidden: Tensor, key_mask: Tensor) -> Tensor:
+        return self.ffn(self.attention(hidden, hidden, key_mask))
 
     def rows(self, hidden: Tensor, positions: Tensor, key_mask: Tensor) -> Tensor:
         """Block output at one position per sequence ([B, H]); every position still serves as key."""
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions][:, None, :]
-        residual = self.attention(picked, hidden, key_mask)
-        return self.ffn_from_activation(self.act(self.ffn_in(residual)), residual)[:, 0]
+        return self.ffn(self.attention(picked, hidden, key_mask))[:, 0]
 
 
 def _check_supported(model: nn.Module) -> str:

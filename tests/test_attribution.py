@@ -1,0 +1,273 @@
+"""The IG fast path against the naive authors'-style reference, completeness, the plain pass, sparsify."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    ElectraConfig,
+    ElectraForMaskedLM,
+    RobertaConfig,
+    RobertaForMaskedLM,
+)
+
+import kn.attribution as attribution
+from kn.attribution import activation_scores, alpha_steps, ig_attribution, sparsify
+from kn.hooks import capture_activations, scale_neurons
+from kn.models.encoding import EncodedPrompts
+
+from .naive_ig import naive_ig
+
+TOLERANCE = 1e-4  # max |fast - naive| / max |naive|, per prompt and layer (fp32)
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """Eval mode, no parameter gradients: what kn.models.load_masked_lm returns."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def tiny(kind: str, layers: int = 3, hidden: int = 32, ffn: int = 64, vocab: int = 60, heads: int = 2,
+         init: float = 0.2) -> nn.Module:
+    """Random tiny masked LMs with room for 128 positions (the reference pads to 128).
+
+    ``init`` 0.2 (BERT uses 0.02) makes a narrow random network far from linear, so the
+    gradients differ between alphas and the comparison has something to bite on. Wider
+    networks get chaotic at 0.2 (fp32 itself is then off by ~5e-4 from float64 in both
+    implementations), so the kn-tiny-shaped model uses 0.05.
+    """
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, initializer_range=init)
+    if kind == "bert":
+        return frozen(BertForMaskedLM(BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                                  intermediate_size=ffn, max_position_embeddings=128, **common)))
+    if kind == "roberta":
+        return frozen(RobertaForMaskedLM(RobertaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                                        intermediate_size=ffn, max_position_embeddings=130, pad_token_id=1,
+                                                        bos_token_id=0, eos_token_id=2, **common)))
+    if kind == "electra":
+        return frozen(ElectraForMaskedLM(ElectraConfig(hidden_size=hidden, embedding_size=hidden // 2, num_hidden_layers=layers,
+                                                        num_attention_heads=heads, intermediate_size=ffn,
+                                                        max_position_embeddings=128, **common)))
+    if kind == "distilbert":
+        return frozen(DistilBertForMaskedLM(DistilBertConfig(dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=ffn,
+                                                              max_position_embeddings=128, **common)))
+    raise ValueError(kind)
+
+
+def prompts(vocab: int, lengths=(7, 12, 5, 9), seed: int = 1) -> tuple[EncodedPrompts, torch.Tensor]:
+    """Random prompts of different lengths, the mask at different places, random targets."""
+    gen = torch.Generator().manual_seed(seed)
+    ids, positions = [], []
+    for n, length in enumerate(lengths):
+        seq = torch.randint(5, vocab, (length,), generator=gen).tolist()
+        position = 1 + n % (length - 2)
+        seq[0], seq[-1], seq[position] = 2, 3, 4
+        ids.append(seq)
+        positions.append(position)
+    return EncodedPrompts(ids, positions), torch.randint(5, vocab, (len(lengths),), generator=gen)
+
+
+def relative_error(fast: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(((fast - reference).abs().amax(-1) / reference.abs().amax(-1)).max())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The machine is shared: one intra-op thread keeps these tests from oversubscribing it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bert() -> nn.Module:
+    return tiny("bert")
+
+
+@pytest.fixture(scope="module")
+def roberta() -> nn.Module:
+    return tiny("roberta")
+
+
+@pytest.mark.parametrize("rule", ["left", "right", "midpoint"])
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_fast_path_equals_naive_reference(kind, rule, bert, roberta):
+    model = {"bert": bert, "roberta": roberta}[kind]
+    encoded, targets = prompts(model.config.vocab_size)
+    reference = naive_ig(model, encoded, targets, m=6, alpha_rule=rule)
+    # batch 4 < m: one prompt per chunk, steps split over two forward passes;
+    # batch 64: all prompts in one chunk, padded to the longest
+    for batch_size in (4, 64):
+        fast = ig_attribution(model, encoded, targets, m=6, alpha_rule=rule, batch_size=batch_size, progress=False)
+        assert fast.shape == reference.shape == (4, 3, 64) and fast.dtype == torch.float32
+        assert relative_error(fast, reference) <= TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["electra", "distilbert"])
+def test_fast_path_other_architectures(kind):
+    model = tiny(kind, layers=2)
+    encoded, targets = prompts(model.config.vocab_size, lengths=(6, 10))
+    reference = naive_ig(model, encoded, targets, m=4)
+    fast = ig_attribution(model, encoded, targets, m=4, progress=False)
+    assert relative_error(fast, reference) <= TOLERANCE
+
+
+def test_fast_path_on_kn_tiny_shape():
+    """6 layers, 256 hidden, 1024 FFN (kn-tiny's shape), small vocabulary, random init."""
+    model = tiny("bert", layers=6, hidden=256, ffn=1024, vocab=300, heads=4, init=0.05)
+    encoded, targets = prompts(300, lengths=(15, 11))
+    reference = naive_ig(model, encoded, targets, m=3)
+    fast = ig_attribution(model, encoded, targets, m=3, batch_size=64, progress=False)
+    assert relative_error(fast, reference) <= TOLERANCE
+
+
+def test_layer_subset_and_batching_do_not_change_scores(bert):
+    encoded, targets = prompts(bert.config.vocab_size)
+    full = ig_attribution(bert, encoded, targets, m=5, batch_size=64, progress=False)
+    again = ig_attribution(bert, encoded, targets, m=5, batch_size=64, progress=False)
+    assert torch.equal(full, again)  # deterministic
+    subset = ig_attribution(bert, encoded, targets, m=5, batch_size=3, layers=[2, 0], progress=False)
+    assert relative_error(subset, full[:, [2, 0]]) <= 1e-5
+
+
+def test_completeness_error_shrinks_with_m(bert):
+    """Sum over a layer's IG scores -> P(alpha=1) - P(alpha=0) as m grows (Riemann-sum error ~ 1/m)."""
+    encoded, targets = prompts(bert.config.vocab_size, lengths=(9,))
+    layer, ffn = 1, bert.config.intermediate_size
+    ids = torch.tensor(encoded.input_ids)
+    position = torch.tensor(encoded.mask_positions)
+
+    def target_prob() -> float:
+        with torch.no_grad():
+            logits = bert(input_ids=ids).logits[0, position[0]]
+        return float(torch.softmax(logits, -1)[targets[0]])
+
+    full = target_prob()
+    with scale_neurons(bert, [(layer, i) for i in range(ffn)], 0.0, position):
+        zeroed = target_prob()
+    gap = full - zeroed
+    assert abs(gap) > 1e-3  # the check is meaningful only if the layer matters
+    errors = {}
+    for rule in ("left", "midpoint"):
+        errors[rule] = [
+            abs(float(ig_attribution(bert, encoded, targets, m=m, alpha_rule=rule, layers=[layer], progress=False).sum()) - gap)
+            for m in (2, 8, 32, 128)
+        ]
+        assert errors[rule] == sorted(errors[rule], reverse=True), errors
+        assert errors[rule][-1] < 0.05 * abs(gap), errors
+    assert errors["midpoint"][-1] < errors["left"][-1]  # second-order rule converges faster
+
+
+def test_plain_pass_matches_hf_forward(bert):
+    encoded, targets = prompts(bert.config.vocab_size)
+    plain = activation_scores(bert, encoded, targets, batch_size=3)
+    for row, (ids, position) in enumerate(zip(encoded.input_ids, encoded.mask_positions)):
+        where = torch.tensor([position])
+        with torch.no_grad(), capture_activations(bert, where) as captured:
+            logits = bert(input_ids=torch.tensor([ids])).logits[0, position]
+        expected = torch.stack([captured[layer][0] for layer in range(3)])
+        torch.testing.assert_close(plain.activations[row], expected, rtol=1e-5, atol=1e-6)
+        probs = torch.softmax(logits, -1)
+        torch.testing.assert_close(plain.target_prob[row], probs[targets[row]], rtol=1e-5, atol=1e-8)
+        assert int(plain.pred_ids[row]) == int(probs.argmax())
+
+
+def _hook_counts(model: nn.Module) -> int:
+    return sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in model.modules())
+
+
+def test_model_left_untouched_when_attribution_raises(bert, monkeypatch):
+    encoded, targets = prompts(bert.config.vocab_size)
+    with torch.no_grad():
+        before = bert(input_ids=torch.tensor([encoded.input_ids[0]])).logits
+    hooks = _hook_counts(bert)
+
+    # 1) an error inside the hooked plain forward pass (the capture hooks are registered)
+    def explode(*_args):
+        raise RuntimeError("boom in forward")
+
+    handle = bert.cls.register_forward_hook(explode)
+    try:
+        with pytest.raises(RuntimeError, match="boom in forward"):
+            ig_attribution(bert, encoded, targets, m=3, progress=False)
+    finally:
+        handle.remove()
+    assert _hook_counts(bert) == hooks
+
+    # 2) an error in the middle of the gradient passes
+    calls = {"n": 0}
+    original = attribution._target_prob_from_layer
+
+    def fail_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom in IG")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attribution, "_target_prob_from_layer", fail_on_third)
+    with pytest.raises(RuntimeError, match="boom in IG"):
+        ig_attribution(bert, encoded, targets, m=3, progress=False)
+    assert _hook_counts(bert) == hooks
+    assert not any(param.requires_grad for param in bert.parameters())
+    with torch.no_grad():
+        assert torch.equal(bert(input_ids=torch.tensor([encoded.input_ids[0]])).logits, before)
+
+
+def test_bfloat16_runs_and_stays_close(bert):
+    encoded, targets = prompts(bert.config.vocab_size)
+    fp32 = ig_attribution(bert, encoded, targets, m=4, progress=False)
+    bf16 = ig_attribution(bert, encoded, targets, m=4, dtype=torch.bfloat16, progress=False)
+    assert bf16.dtype == torch.float32
+    error = relative_error(bf16, fp32)
+    assert 0 < error < 0.1  # bf16 has ~3 significant digits: different from fp32, but close
+
+
+def test_bad_arguments_are_named(bert):
+    encoded, targets = prompts(bert.config.vocab_size)
+    with pytest.raises(ValueError, match="alpha_rule 'trapezoid'"):
+        ig_attribution(bert, encoded, targets, alpha_rule="trapezoid")
+    with pytest.raises(ValueError, match="target ids out of the vocabulary"):
+        ig_attribution(bert, encoded, torch.tensor([1, 2, 3, 10_000]))
+    with pytest.raises(ValueError, match=r"expected \(4,\)"):
+        ig_attribution(bert, encoded, targets[:2])
+    with pytest.raises(ValueError, match=r"layers \[7\] out of range"):
+        activation_scores(bert, encoded, layers=[7])
+
+
+def test_alpha_steps():
+    m = 4
+    assert (alpha_steps(m, "left") / m).tolist() == [0.0, 0.25, 0.5, 0.75]
+    assert (alpha_steps(m, "right") / m).tolist() == [0.25, 0.5, 0.75, 1.0]
+    assert (alpha_steps(m, "midpoint") / m).tolist() == [0.125, 0.375, 0.625, 0.875]
+
+
+def test_sparsify_keeps_exactly_entries_at_or_above_ratio_of_max():
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn((3, 2, 5), generator=gen)
+    scores[1] = -scores[1].abs() - 0.1  # all negative: ratio * max > max, nothing survives
+    scores[2, 1, 3] = 0.5 * scores[2].max()  # exactly at the threshold for ratio 0.5 ...
+    scores[2, 0, 0] = 0.5 * scores[2].max()
+    kept = sparsify(scores, 0.5)
+    expected = [
+        (p, layer, neuron, float(scores[p, layer, neuron]))
+        for p in range(3)
+        for layer in range(2)
+        for neuron in range(5)
+        if float(scores[p, layer, neuron]) >= 0.5 * float(scores[p].max())
+    ]
+    assert (2, 0, 0, float(scores[2, 0, 0])) in expected  # ... so ">=" keeps them
+    got = list(zip(kept["prompt"], kept["layer"], kept["neuron"], kept["score"].astype(float)))
+    assert got == expected  # same entries, ordered by (prompt, layer, neuron)
+    assert not (kept["prompt"] == 1).any()
+    assert [str(t) for t in kept.dtypes] == ["int64", "int16", "int32", "float32"]
+    with pytest.raises(ValueError, match="ratio = 0"):
+        sparsify(scores, 0)
