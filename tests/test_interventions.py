@@ -22,6 +22,7 @@ from kn.interventions import (
     ratio_of_averages,
     scale_neurons_per_row,
     summarize,
+    summarize_dose,
 )
 from kn.models import encode_prompts, load_masked_lm
 
@@ -198,3 +199,20 @@ def test_evaluate_relation_rows_match_direct_forward_passes(tiny) -> None:
     assert ig_other.p_amplify == pytest.approx(float(direct), rel=1e-5)
     assert ig_other.prompt_relation == "P2"
     assert dose.k.tolist() == [1, 2, 5, 1, 2, 5] and dose.n_neurons.tolist() == [1, 2, 3] * 2
+
+
+def test_dose_summary_matches_direct_ratios() -> None:
+    rng = np.random.default_rng(2)
+    rows = [(rel, fact, t, method, k, min(k, 3), p0, p0 * rng.uniform(0.2, 1.0))
+            for rel, n_facts in (("P1", 4), ("P2", 3)) for fact in range(n_facts) for t in range(2)
+            for method in ("ig", "random") for k in (1, 5) for p0 in [rng.uniform(0.1, 0.9)]]
+    dose = pd.DataFrame(rows, columns=["relation", "fact_id", "template_id", "method", "k", "n_neurons", "p0", "p_suppress"])
+    curve = summarize_dose(dose, resamples=100, seed=0).set_index(["relation", "method", "k"])
+    for (rel, method, k), group in dose.groupby(["relation", "method", "k"]):
+        direct = (group.p_suppress - group.p0).mean() / group.p0.mean()
+        assert curve.loc[(rel, method, k), "ratio"] == pytest.approx(direct)
+    assert curve.loc[("mean", "ig", 5), "ratio"] == pytest.approx(
+        (curve.loc[("P1", "ig", 5), "ratio"] + curve.loc[("P2", "ig", 5), "ratio"]) / 2)
+    assert curve.loc[("mean", "ig", 5), "n_neurons"] == 3
+    assert (curve.ci_low <= curve.ci_high).all()
+    pd.testing.assert_frame_equal(summarize_dose(dose, 100, 0), summarize_dose(dose, 100, 0))

@@ -280,22 +280,55 @@ def summarize(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
 
 
 def _summary_row(relation: str, method: str, metric: str, variant: str, ratio: float, samples: np.ndarray, n: int) -> dict:
-    finite = samples[np.isfinite(samples)]
-    low, high = np.percentile(finite, [2.5, 97.5]) if finite.size else (np.nan, np.nan)
+    low, high = _percentile_ci(samples)
     return {"relation": relation, "method": method, "metric": metric, "variant": variant, "ratio": ratio,
-            "ci_low": float(low), "ci_high": float(high), "n_facts": n}
+            "ci_low": low, "ci_high": high, "n_facts": n}
 
 
-def summarize_dose(dose: pd.DataFrame) -> pd.DataFrame:
-    """Dose-response: per relation, method and k the suppression ratio of averages, plus the mean over relations."""
+DOSE_SUMMARY_COLUMNS = ["relation", "method", "k", "ratio", "ci_low", "ci_high", "n_neurons"]
+
+
+def summarize_dose(dose: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
+    """Dose-response: per relation, method and k the suppression ratio of averages, and the mean over relations.
+
+    ``n_neurons`` is the mean number of neurons actually scaled (a ranking can be shorter
+    than k). CIs: the same fact bootstrap as :func:`summarize` (one resampling per relation
+    shared by all methods and k).
+    """
     frame = dose.assign(d_suppress=dose["p_suppress"] - dose["p0"])
-    per = frame.groupby(["relation", "method", "k"], as_index=False, sort=True).agg(
-        p0=("p0", "sum"), d_suppress=("d_suppress", "sum"), n_neurons=("n_neurons", "mean")
+    sums = frame.groupby(["relation", "method", "k", "fact_id"], as_index=False, sort=True).agg(
+        p0=("p0", "sum"), d_suppress=("d_suppress", "sum"), n_neurons=("n_neurons", "first")
     )
-    per["ratio"] = ratio_of_averages(per["d_suppress"].to_numpy()[:, None], per["p0"].to_numpy()[:, None])
-    mean = per.groupby(["method", "k"], as_index=False, sort=True).agg(ratio=("ratio", "mean"), n_neurons=("n_neurons", "mean"))
-    mean.insert(0, "relation", "mean")
-    return pd.concat([per[["relation", "method", "k", "ratio", "n_neurons"]], mean], ignore_index=True)
+    rng = np.random.default_rng(seed)
+    rows, per_curve = [], {}
+    for relation, rel in sums.groupby("relation", sort=True):
+        facts = np.sort(rel["fact_id"].unique())
+        counts = bootstrap_counts(len(facts), resamples, rng) if resamples > 0 else None
+        for (method, k), group in rel.groupby(["method", "k"], sort=True):
+            pos = np.searchsorted(facts, group["fact_id"].to_numpy())
+            p0, delta = np.zeros(len(facts)), np.zeros(len(facts))
+            p0[pos], delta[pos] = group["p0"].to_numpy(), group["d_suppress"].to_numpy()
+            ratio = float(ratio_of_averages(delta, p0))
+            samples = ratio_of_averages(delta, p0, counts) if counts is not None else np.full(1, np.nan)
+            n_neurons = float(group["n_neurons"].mean())
+            rows.append([relation, method, int(k), ratio, *_percentile_ci(samples), n_neurons])
+            per_curve.setdefault((method, int(k)), []).append((ratio, samples, n_neurons))
+    for (method, k), items in sorted(per_curve.items()):
+        with warnings.catch_warnings():  # all-NaN slices: NaN is the answer
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean_samples = np.nanmean(np.stack([s for _, s, _ in items]), axis=0)
+        rows.append(["mean", method, k, float(np.nanmean([r for r, _, _ in items])), *_percentile_ci(mean_samples),
+                     float(np.mean([n for _, _, n in items]))])
+    return pd.DataFrame(rows, columns=DOSE_SUMMARY_COLUMNS)
+
+
+def _percentile_ci(samples: np.ndarray) -> tuple[float, float]:
+    """95% percentile interval of the finite bootstrap samples (NaN when there are none)."""
+    finite = samples[np.isfinite(samples)]
+    if not finite.size:
+        return float("nan"), float("nan")
+    low, high = np.percentile(finite, [2.5, 97.5])
+    return float(low), float(high)
 
 
 @dataclass

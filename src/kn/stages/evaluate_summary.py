@@ -79,7 +79,7 @@ def main(args: StageArgs) -> None:
                                             "p_amplify"])
     dose = read_tables(args, "dose", ["relation", "fact_id", "method", "k", "n_neurons", "p0", "p_suppress"])
     summary = summarize(results, int(cfg.evaluate.bootstrap), int(cfg.seed))
-    curve = summarize_dose(dose)
+    curve = summarize_dose(dose, int(cfg.evaluate.bootstrap), int(cfg.seed))
     record = provenance(cfg, "evaluate_summary", relations=sorted(results["relation"].unique()))
     headline = summary[summary["relation"] == "mean"]
     write_json(args.output("json"), {"mean_over_relations": headline.to_dict(orient="records"), "paper": PAPER,
