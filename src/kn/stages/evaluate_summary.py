@@ -82,7 +82,8 @@ def main(args: StageArgs) -> None:
     curve = summarize_dose(dose, int(cfg.evaluate.bootstrap), int(cfg.seed))
     record = provenance(cfg, "evaluate_summary", relations=sorted(results["relation"].unique()))
     headline = summary[summary["relation"] == "mean"]
-    write_json(args.output("json"), {"mean_over_relations": headline.to_dict(orient="records"), "paper": PAPER,
+    headline_records = headline.astype(object).where(headline.notna(), None).to_dict(orient="records")  # NaN -> null
+    write_json(args.output("json"), {"mean_over_relations": headline_records, "paper": PAPER,
                                      "provenance": record})
     write_text(args.output("csv"), summary.to_csv(index=False))
     write_text(args.output("markdown"), headline_markdown(summary))

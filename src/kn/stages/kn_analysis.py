@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import random
 
 import pandas as pd
@@ -78,9 +79,9 @@ def main(args: StageArgs) -> None:
         inter, n_draws = inter_relation_sharing(by_relation, int(cfg.evaluate.inter_draws), random.Random(int(cfg.seed)))
         stats[method] = {
             "avg_kn_per_fact": average_kn_per_fact(by_relation),
-            "intra_shared": intra,
+            "intra_shared": None if math.isnan(intra) else intra,  # null: no pairs (strict JSON has no NaN)
             "intra_pairs": n_pairs,
-            "inter_shared": inter,
+            "inter_shared": None if math.isnan(inter) else inter,  # null: fewer than two relations
             "inter_draws": n_draws,
             "n_facts": sum(len(s) for s in by_relation.values()),
             "n_facts_without_kn": sum(1 for s in by_relation.values() for kn in s if not kn),
@@ -121,7 +122,7 @@ def markdown_report(table: pd.DataFrame, stats: dict[str, dict], layers: pd.Data
     out.write("# Knowledge-neuron statistics (SPEC §4)\n\n")
     out.write("| metric | ours (IG) | baseline | paper ours | paper baseline | paper source |\n|---|---|---|---|---|---|\n")
     for row in table.itertuples():
-        out.write(f"| {row.metric} | {row.ours:.3f} | {row.baseline:.3f} | {row.paper_ours} | {row.paper_baseline} | "
+        out.write(f"| {row.metric} | {_number(row.ours)} | {_number(row.baseline)} | {row.paper_ours} | {row.paper_baseline} | "
                   f"{row.paper_source} |\n")
     for method, label in (("ig", "IG"), ("base", "baseline")):
         s = stats[method]
@@ -132,6 +133,10 @@ def markdown_report(table: pd.DataFrame, stats: dict[str, dict], layers: pd.Data
     for row in layers.itertuples():
         out.write(f"| {row.layer} | {row.ig_share:.1%} | {row.base_share:.1%} |\n")
     return out.getvalue()
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{value:.3f}"
 
 
 if __name__ == "__main__":
