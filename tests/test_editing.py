@@ -20,6 +20,7 @@ from kn.editing import (
     erased_value_slots,
     facts_from_table,
     keep_uncommon_neurons,
+    mask_logits,
     kn_lists_from_table,
     neuron_fact_counts,
     run_update,
@@ -356,7 +357,8 @@ def test_run_update_metrics_match_a_manually_edited_copy(tiny):
     scorer = PromptScorer(model, tokenizer, ids, batch_size=4)
     plan = UpdatePlan("P1", 0, 1, "Madrid", ((0, 3), (1, 17), (1, 40)), 2, (0, 2, 2), (("P2", 4), ("P2", 0)))
     original = checksum(model)
-    row = run_update(scorer, facts, plan, lambda1=1, lambda2=8, success_k=5)
+    unedited, _ = score_facts(scorer, facts)
+    row = run_update(scorer, facts, plan, unedited, lambda1=1, lambda2=8, success_k=5)
     assert checksum(model) == original
 
     edited = copy.deepcopy(model)
@@ -385,10 +387,19 @@ def test_run_update_metrics_match_a_manually_edited_copy(tiny):
     inter = [facts[r][i] for r, i in plan.inter_facts]
     assert math.isclose(row["nll_intra_before"], mean_nll(model, intra), rel_tol=1e-4)
     assert math.isclose(row["nll_intra_after"], mean_nll(edited, intra), rel_tol=1e-4)
+    assert math.isclose(row["nll_inter_before"], mean_nll(model, inter), rel_tol=1e-4)
     assert math.isclose(row["nll_inter_after"], mean_nll(edited, inter), rel_tol=1e-4)
     paraphrase_tops = [int(single_prompt_logits(edited, tokenizer, p).argmax()) for p in facts["P1"][1].prompts[:2]]
     assert row["paraphrases"] == 2
     assert math.isclose(row["para_success_after"], sum(t == new_id for t in paraphrase_tops) / 2)
+
+
+def test_mask_logits_equal_the_full_model_at_the_mask(tiny):
+    model, tokenizer = tiny
+    prompts = ["Einstein was born in [MASK] .", "the capital of Italy is [MASK] .", "[MASK] ."]
+    batched = mask_logits(model, tokenizer, prompts, batch_size=2)
+    for row, prompt in zip(batched, prompts):
+        torch.testing.assert_close(row, single_prompt_logits(model, tokenizer, prompt), rtol=1e-5, atol=1e-5)
 
 
 def test_erase_relation_matches_a_manually_erased_copy(tiny):

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kn.hooks import edited_value_slots
 from kn.models.arch import value_projections
+from kn.models.blocks import mlm_head
 from kn.models.encoding import EncodedPrompts, encode_prompts
 
 Neuron = tuple[int, int]
@@ -334,19 +335,21 @@ def mask_logits(
     Batches are right-padded; SPEC §1 shows padding only changes reduction-order noise.
     Use ``batch_size=1`` where the authors' numbers come from single-prompt passes.
     """
+    vocab_size = model.get_output_embeddings().weight.shape[0]
     if not prompts:
-        return torch.empty(0, model.get_input_embeddings().weight.shape[0])
+        return torch.empty(0, vocab_size)
     encoded = encode_prompts(tokenizer, prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    head = mlm_head(model)  # applied to the mask rows only: the vocabulary projection dominates otherwise
     chunks: list[torch.Tensor] = []
     for start in range(0, len(encoded), batch_size):
         chunk = EncodedPrompts(encoded.input_ids[start : start + batch_size], encoded.mask_positions[start : start + batch_size])
         input_ids, attention = chunk.padded(pad_id, device)
         with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention).logits
-        rows = torch.arange(len(chunk), device=logits.device)
-        positions = torch.tensor(chunk.mask_positions, device=logits.device)
-        chunks.append(logits[rows, positions].float().cpu())
+            hidden = model.base_model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+            rows = torch.arange(len(chunk), device=hidden.device)
+            positions = torch.tensor(chunk.mask_positions, device=hidden.device)
+            chunks.append(head(hidden[rows, positions]).float().cpu())
     return torch.cat(chunks)
 
 
@@ -443,6 +446,7 @@ def run_update(
     scorer: PromptScorer,
     facts: Mapping[str, Sequence[Fact]],
     plan: UpdatePlan,
+    unedited: PromptSet,
     *,
     lambda1: float,
     lambda2: float,
@@ -452,9 +456,10 @@ def run_update(
 
     On the edited prompt (batch 1, as the authors): change, success, success@k, P and rank
     of t' before/after. Beyond the paper (SPEC §11.13): the same on the fact's other
-    prompts. PPL sets: mean gold NLL over all prompts of the intra / inter facts, before
-    and after. The authors edit, restore, measure, re-edit; with an exact restore one edit
-    session gives the same numbers.
+    prompts. PPL sets: mean gold NLL over all prompts of the intra / inter facts (a fact
+    drawn twice counts twice), before and after. The authors edit, restore, measure the
+    unedited model, re-edit; with an exact restore the unedited numbers are those of
+    ``unedited`` (scored once for all edits, in other batches: reduction-order noise only).
     """
     fact = facts[plan.relation][plan.fact_id]
     gold_id = scorer.object_ids[fact.object]
@@ -463,28 +468,28 @@ def run_update(
         raise ValueError(f"{plan.relation} fact {plan.fact_id}: objects {fact.object!r} -> {plan.new_object!r} must be single tokens")
     prompt = fact.prompts[plan.prompt_index]
     paraphrases = [p for i, p in enumerate(fact.prompts) if i != plan.prompt_index]
-    intra_prompts, intra_gold, intra_left = scorer.fact_prompts(facts[plan.relation][i] for i in plan.intra_facts)
-    inter_prompts, inter_gold, inter_left = scorer.fact_prompts(facts[r][i] for r, i in plan.inter_facts)
-    ppl_prompts = intra_prompts + inter_prompts
-    ppl_gold = intra_gold + inter_gold
+    para_rows = np.delete(unedited.rows_of[(plan.relation, plan.fact_id)], plan.prompt_index)
+    intra_keys = [(plan.relation, i) for i in plan.intra_facts]
+    inter_keys = list(plan.inter_facts)
+    intra_prompts, intra_gold, intra_left = scorer.fact_prompts(facts[r][i] for r, i in intra_keys)
+    inter_prompts, inter_gold, inter_left = scorer.fact_prompts(facts[r][i] for r, i in inter_keys)
+    empty = np.empty(0, dtype=np.int64)
+    intra_rows = np.concatenate([unedited.rows_of.get(key, empty) for key in intra_keys] + [empty])
+    inter_rows = np.concatenate([unedited.rows_of.get(key, empty) for key in inter_keys] + [empty])
 
-    def measure() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        edited = scorer.logits([prompt], batch_size=1)[0]
-        para = scorer.logits(paraphrases)
-        nll = gold_nll(scorer.logits(ppl_prompts), ppl_gold)
-        return edited, para, nll
-
-    before, para_before, nll_before = measure()
+    before = scorer.logits([prompt], batch_size=1)[0]
     slots = updated_value_slots(scorer.model, plan.neurons, gold_id, new_id, lambda1, lambda2)
     with edited_value_slots(scorer.model, slots):
-        after, para_after, nll_after = measure()
+        after = scorer.logits([prompt], batch_size=1)[0]
+        batch_after = scorer.logits(paraphrases + intra_prompts + inter_prompts)
+    para_top_before = torch.from_numpy(unedited.top1[para_rows])
+    para_top_after = batch_after[: len(paraphrases)].argmax(-1)
+    nll_after = gold_nll(batch_after[len(paraphrases) :], intra_gold + inter_gold)
 
     top1_before, top1_after = int(before.argmax()), int(after.argmax())
     prob_before = float(torch.softmax(before, -1)[new_id])
     prob_after = float(torch.softmax(after, -1)[new_id])
     rank_before, rank_after = token_rank(before, new_id), token_rank(after, new_id)
-    para_top_before = para_before.argmax(-1) if len(paraphrases) else torch.empty(0, dtype=torch.long)
-    para_top_after = para_after.argmax(-1) if len(paraphrases) else torch.empty(0, dtype=torch.long)
     n_intra = len(intra_prompts)
 
     return {
@@ -514,9 +519,9 @@ def run_update(
         "intra_facts": " ".join(str(i) for i in plan.intra_facts),
         "inter_facts": " ".join(f"{r}:{i}" for r, i in plan.inter_facts),
         "ppl_prompts_left_out": intra_left + inter_left,
-        "nll_intra_before": _mean(nll_before[:n_intra]),
+        "nll_intra_before": _mean(unedited.nll[intra_rows]),
         "nll_intra_after": _mean(nll_after[:n_intra]),
-        "nll_inter_before": _mean(nll_before[n_intra:]),
+        "nll_inter_before": _mean(unedited.nll[inter_rows]),
         "nll_inter_after": _mean(nll_after[n_intra:]),
     }
 
@@ -572,32 +577,54 @@ def summarize_updates(rows: pd.DataFrame, attempts: pd.DataFrame, success_k: int
 
 @dataclass
 class PromptSet:
-    """Prompts of many facts, scored once; ``relation`` says which relation each prompt belongs to."""
+    """Every prompt (with a one-token object) of many facts, scored once by one model state.
+
+    Row k of a fact is its k-th prompt. ``rows_of`` maps (relation, fact_id) to its rows.
+    """
 
     relation: np.ndarray
+    fact_id: np.ndarray
+    top1: np.ndarray
     correct: np.ndarray
     nll: np.ndarray
+    rows_of: dict[tuple[str, int], np.ndarray]
 
 
 def score_facts(scorer: PromptScorer, facts: Mapping[str, Sequence[Fact]]) -> tuple[PromptSet, int]:
-    """Top-1 correctness and gold NLL of every prompt of every fact (batched), and the number left out.
+    """Top-1 and gold NLL of every prompt of every fact (batched), and the number of prompts left out.
 
     Prompts whose object is not one token are left out (never on the paper's data; the
     authors' code would score their [UNK] id).
     """
     relation_of: list[str] = []
+    fact_of: list[int] = []
     prompts: list[str] = []
     gold: list[int] = []
     left_out = 0
     for relation in sorted(facts):
-        rel_prompts, rel_gold, rel_left = scorer.fact_prompts(facts[relation])
-        prompts += rel_prompts
-        gold += rel_gold
-        relation_of += [relation] * len(rel_prompts)
-        left_out += rel_left
+        for fact in facts[relation]:
+            fact_prompts, fact_gold, fact_left = scorer.fact_prompts([fact])
+            prompts += fact_prompts
+            gold += fact_gold
+            relation_of += [relation] * len(fact_prompts)
+            fact_of += [fact.fact_id] * len(fact_prompts)
+            left_out += fact_left
     logits = scorer.logits(prompts)
-    correct = (logits.argmax(-1) == torch.tensor(gold, dtype=torch.long)).numpy() if prompts else np.empty(0, dtype=bool)
-    return PromptSet(np.array(relation_of, dtype=object), correct, gold_nll(logits, gold)), left_out
+    top1 = logits.argmax(-1).numpy() if prompts else np.empty(0, dtype=np.int64)
+    rows_of: dict[tuple[str, int], list[int]] = {}
+    for row, key in enumerate(zip(relation_of, fact_of)):
+        rows_of.setdefault(key, []).append(row)
+    return (
+        PromptSet(
+            relation=np.array(relation_of, dtype=object),
+            fact_id=np.array(fact_of, dtype=np.int64),
+            top1=top1,
+            correct=top1 == np.array(gold, dtype=np.int64),
+            nll=gold_nll(logits, gold),
+            rows_of={key: np.array(rows, dtype=np.int64) for key, rows in rows_of.items()},
+        ),
+        left_out,
+    )
 
 
 def accuracy_and_ppl(scores: PromptSet, mask: np.ndarray) -> tuple[float, float]:

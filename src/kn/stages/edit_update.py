@@ -28,6 +28,7 @@ from kn.editing import (
     kn_lists_from_table,
     run_update,
     sample_updates,
+    score_facts,
     summarize_updates,
 )
 from kn.io import provenance, read_parquet, write_parquet, write_text
@@ -103,6 +104,9 @@ def main(args: StageArgs) -> None:
     facts, kn_lists = load_study(args)
     scorer = load_scorer(cfg, facts, edit.batch_size)
     top1_is_gold = Top1Cache(scorer)
+    unedited, left_out = score_facts(scorer, facts)  # the "before" side of every PPL and paraphrase measure
+    if left_out:
+        log.warning("%d prompts left out of PPL sets: their object is not one token of this tokenizer", left_out)
     shape = (num_ffn_layers(scorer.model), value_projections(scorer.model)[0].weight.shape[1])
     methods = ["kn"] + (["random"] if edit.random_baseline else [])
 
@@ -137,7 +141,7 @@ def main(args: StageArgs) -> None:
             log.info("%s %s: %d edits in %d attempts, skipped %s%s", method, status.relation, status.edits,
                      status.attempts, dict(status.skipped), " (all facts share one object)" if status.single_object else "")
         for plan in tqdm(plans, desc=f"edit ({method})", unit="edit"):
-            row = run_update(scorer, facts, plan, lambda1=edit.lambda1, lambda2=edit.lambda2, success_k=edit.success_k)
+            row = run_update(scorer, facts, plan, unedited, lambda1=edit.lambda1, lambda2=edit.lambda2, success_k=edit.success_k)
             rows.append({"method": method, **row})
 
     table = pd.DataFrame.from_records(rows, columns=UPDATE_SCHEMA.names)
