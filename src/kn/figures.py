@@ -107,3 +107,30 @@ def dose_response_figure(curve: pd.DataFrame) -> Figure:
     ax.legend(frameon=False, fontsize="small")
     fig.tight_layout()
     return fig
+
+
+DISTANT_STYLE = {  # stage 4 sentence types: legend label and colour (SPEC §9, distant.pdf)
+    "T1": ("containing head and tail", "#4C72B0"),
+    "T2": ("only head", "#55A868"),
+    "T3": ("random", "#8C8C8C"),
+}
+
+
+def distant_figure(per_relation: pd.DataFrame, ylabel: str = "Average activation of knowledge neurons") -> Figure:
+    """``distant``: per relation (sorted ids) three bars, the mean KN activation on T1 / T2 / T3.
+
+    ``per_relation`` has columns relation, T1, T2, T3 (one method and sentence subset).
+    """
+    rows = per_relation.sort_values("relation")
+    x = np.arange(len(rows))
+    width = 0.8 / len(DISTANT_STYLE)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(rows) + 2.0), 3.2))
+    for j, (kind, (label, colour)) in enumerate(DISTANT_STYLE.items()):
+        ax.bar(x + (j - 1) * width, rows[kind].to_numpy(dtype=float), width, label=label, color=colour)
+    ax.set_xticks(x)
+    ax.set_xticklabels(rows["relation"].tolist(), rotation=90)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_ylabel(ylabel)
+    ax.legend(frameon=False, fontsize="small")
+    fig.tight_layout()
+    return fig

@@ -125,6 +125,8 @@ class DistantConfig:
     head_redraws: int = 4
     trigger_relations: list[str] = field(default_factory=lambda: ["P740", "P937"])
     trigger_lines: int = 20
+    batch_size: int = 32
+    max_unk_share: float = 0.5
 
 
 @dataclass

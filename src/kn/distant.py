@@ -1,0 +1,336 @@
+"""Activating prompts on web sentences (SPEC §6, stages 4 and 5).
+
+Per fact: T1 = its head+tail sentences with the tail masked, T2 = its head-only sentences
+with a random non-head word masked, T3 = as many random pool sentences as T1 with a
+random word masked. Each knowledge neuron's activation is read at [MASK] in an unmodified
+forward pass and averaged per type.
+
+Departures from the authors' code (SPEC §6, §11), all deliberate:
+
+* Masks are drawn for every fact that has th and h sentences, from one ``random.Random``
+  per relation seeded with ``f"{seed}/{relation}"``, whether or not the fact has knowledge
+  neurons. The authors draw only for facts with KNs, from one stream over all relations
+  and both methods, so IG and base saw different T2/T3 sentences. Here both methods read
+  the same sentences (a paired comparison, like SPEC §5's recommendation) and each
+  relation is an independent job. The call order within a fact is the authors' (T2
+  randints with redraws, one ``sample`` over the pool, T3 randints).
+* Head and tail are escaped completely (the authors escape only ``( ) $ .``); no head or
+  tail of the data contains another regex character, so the masks are the same.
+* A sentence is cut to the model's position limit as well as ``distant.max_len``; a
+  sentence whose [MASK] falls outside the kept pieces cannot be read and is dropped and
+  counted (the authors' 512 never cuts a Bing sentence, SPEC §1; a small model's can).
+* A th sentence in which the tail cannot be found is dropped and counted (the authors'
+  code would crash; it never happens on the shipped data).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+if TYPE_CHECKING:  # torch and transformers load only where a model runs (the aggregation needs neither)
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+MASK_LITERAL = "[MASK]"  # as kn.models.encoding.MASK_LITERAL, which imports torch
+
+log = logging.getLogger("kn.distant")
+
+TYPES = ("T1", "T2", "T3")  # head+tail, head only, random
+TYPE_LABELS = {"T1": "containing head and tail", "T2": "only head", "T3": "random"}
+PLACEHOLDER = "@"
+Neuron = tuple[int, int]
+
+
+# ----------------------------------------------------------------------------- masking
+
+
+def mask_tail(sentence: str, head: str, tail: str) -> str | None:
+    """T1: mask the first occurrence of ``tail`` not touching an ASCII letter, never inside the head.
+
+    Every occurrence of the head is first replaced by a same-length run of '@', so a tail
+    that is part of the head ("Paris" in "Paris Hilton") is not masked there; the head is
+    restored afterwards. Case-sensitive. None when no such occurrence exists.
+    """
+    protected = sentence.replace(head, PLACEHOLDER * len(head))
+    pattern = re.compile(rf"(?<![a-zA-Z]){re.escape(tail)}(?![a-zA-Z])")
+    masked, found = pattern.subn(lambda _match: MASK_LITERAL, protected, count=1)
+    if not found:
+        return None
+    return masked.replace(PLACEHOLDER * len(head), head)
+
+
+def draw_word(n_words: int, rng: random.Random, max_mask_word: int) -> int:
+    """A word index uniform over the first ``max_mask_word`` words, drawn as the authors do."""
+    return rng.randint(1, min(n_words, max_mask_word)) - 1
+
+
+def mask_random_word(
+    sentence: str, rng: random.Random, max_mask_word: int, head: str | None = None, head_redraws: int = 4
+) -> tuple[str, str]:
+    """T2 (with ``head``) / T3 (without): replace one space-separated word by [MASK].
+
+    With a head, the head becomes one '@' word first and a draw that lands exactly on it
+    is redrawn, at most ``head_redraws`` times (the last redraw is kept even if it is the
+    head again). Attached punctuation goes with the word. Returns (masked sentence, the
+    word that was masked, with the head restored).
+    """
+    placeholder = PLACEHOLDER * len(head) if head else None
+    text = sentence.replace(head, placeholder) if head and placeholder else sentence
+    words = text.split(" ")
+    position = draw_word(len(words), rng, max_mask_word)
+    redraws = 0
+    while placeholder is not None and words[position] == placeholder and redraws < head_redraws:
+        position = draw_word(len(words), rng, max_mask_word)
+        redraws += 1
+    masked_word = words[position]
+    words[position] = MASK_LITERAL
+    masked = " ".join(words)
+    if head and placeholder:
+        masked = masked.replace(placeholder, head)
+        masked_word = masked_word.replace(placeholder, head)
+    return masked, masked_word
+
+
+@dataclass
+class MaskedSentence:
+    type: str  # T1, T2 or T3
+    sentence_idx: int  # position within the fact's list of this type
+    source_idx: int  # index in the fact's th / h list (T1 / T2) or in the global pool (T3)
+    text: str | None  # with [MASK]; None when the tail was not found (T1)
+    masked_word: str
+
+
+def mask_fact_sentences(
+    head: str,
+    tail: str,
+    th: Sequence[str],
+    h: Sequence[str],
+    pool: Sequence[str],
+    rng: random.Random,
+    max_mask_word: int,
+    head_redraws: int,
+) -> list[MaskedSentence]:
+    """The fact's T1, T2 and T3 sentences, drawing from ``rng`` in the authors' call order (SPEC §13)."""
+    out = [MaskedSentence("T1", k, k, mask_tail(s, head, tail), tail) for k, s in enumerate(th)]
+    for k, sentence in enumerate(h):
+        text, word = mask_random_word(sentence, rng, max_mask_word, head=head, head_redraws=head_redraws)
+        out.append(MaskedSentence("T2", k, k, text, word))
+    # sample() over range(len) consumes the same draws as over the pool list itself
+    for k, pool_idx in enumerate(rng.sample(range(len(pool)), len(th))):
+        text, word = mask_random_word(pool[pool_idx], rng, max_mask_word)
+        out.append(MaskedSentence("T3", k, pool_idx, text, word))
+    return out
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def position_limit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_len: int) -> int:
+    """Longest input (special tokens included) the model accepts, at most ``max_len``.
+
+    RoBERTa-style models offset positions by padding_idx + 1, so they take that many fewer.
+    """
+    config = model.config
+    limit = int(getattr(config, "max_position_embeddings", max_len))
+    if config.model_type in {"roberta", "xlm-roberta", "camembert"}:
+        limit -= int(config.pad_token_id) + 1
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 10**6:
+        limit = min(limit, tokenizer_limit)
+    return min(max_len, limit)
+
+
+@dataclass
+class EncodedSentences:
+    """Token ids ([CLS] + kept pieces + [SEP]) and what the cut and [UNK] did to each sentence."""
+
+    input_ids: list[list[int]]
+    mask_positions: list[int]  # index of the first mask token, counting [CLS] as 0; -1 if cut off
+    n_pieces: list[int]  # wordpieces before the cut
+    n_unk: list[int]  # unknown pieces before the cut
+    truncated: list[bool]
+
+    @property
+    def readable(self) -> list[bool]:
+        return [pos >= 0 for pos in self.mask_positions]
+
+
+def encode_sentences(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int) -> EncodedSentences:
+    """Tokenise like the authors (SPEC §1): keep the first ``max_len - 2`` pieces, add [CLS]/[SEP].
+
+    The literal "[MASK]" becomes the tokenizer's mask token. Unlike the prompt encoder, a
+    [MASK] lost to the cut is recorded (position -1) rather than raised: web sentences are
+    long and a small model's window is short.
+    """
+    mask_token, mask_id, unk_id = tokenizer.mask_token, tokenizer.mask_token_id, tokenizer.unk_token_id
+    if mask_token is None or mask_id is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no mask token; a masked LM is required")
+    texts = [t.replace(MASK_LITERAL, mask_token) for t in texts]
+    pieces_list = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    cut = tokenizer(texts, add_special_tokens=True, truncation="longest_first", max_length=max_len)["input_ids"]
+    n_special = tokenizer.num_special_tokens_to_add()
+    encoded = EncodedSentences([], [], [], [], [])
+    for pieces, ids in zip(pieces_list, cut):
+        encoded.input_ids.append(list(ids))
+        encoded.mask_positions.append(ids.index(mask_id) if mask_id in ids else -1)
+        encoded.n_pieces.append(len(pieces))
+        encoded.n_unk.append(sum(1 for p in pieces if p == unk_id))
+        encoded.truncated.append(len(pieces) + n_special > max_len)
+    return encoded
+
+
+def tail_piece_count(tokenizer: PreTrainedTokenizerBase, tail: str) -> int:
+    """Wordpieces the model's tokenizer splits the tail into (T1 masks the whole tail with one [MASK])."""
+    return len(tokenizer(tail, add_special_tokens=False)["input_ids"])
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def read_activations(
+    model: PreTrainedModel,
+    encoded: EncodedSentences,
+    neurons: Sequence[Sequence[Neuron]],
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    desc: str | None = None,
+) -> list[np.ndarray]:
+    """For sentence k, the activations of ``neurons[k]`` at its [MASK] (float32, in list order).
+
+    One unmodified forward pass of the encoder (the MLM head is not needed) per batch of
+    sentences; sentences are batched by length so little padding is computed, and padding
+    has no numerical effect (SPEC §1). Unreadable sentences (mask cut off) get an empty array.
+    """
+    import torch
+
+    from kn.hooks import capture_activations
+
+    wanted = [k for k, pos in enumerate(encoded.mask_positions) if pos >= 0 and len(neurons[k])]
+    out = [np.zeros(0, dtype=np.float32) for _ in encoded.input_ids]
+    if not wanted:
+        return out
+    layers = sorted({int(layer) for k in wanted for layer, _ in neurons[k]})
+    layer_row = {layer: row for row, layer in enumerate(layers)}
+    order = sorted(wanted, key=lambda k: (len(encoded.input_ids[k]), k))
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, mininterval=5.0):
+        batch = order[start : start + batch_size]
+        width = max(len(encoded.input_ids[k]) for k in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, k in enumerate(batch):
+            ids[row, : len(encoded.input_ids[k])] = torch.tensor(encoded.input_ids[k])
+            attention[row, : len(encoded.input_ids[k])] = 1
+        positions = torch.tensor([encoded.mask_positions[k] for k in batch], device=device)
+        with torch.no_grad(), capture_activations(model, positions, layers) as captured:
+            model.base_model(input_ids=ids.to(device), attention_mask=attention.to(device))
+        stacked = torch.stack([captured[layer] for layer in layers], dim=1).float().cpu()  # [B, L, ffn]
+        for row, k in enumerate(batch):
+            index_l = torch.tensor([layer_row[int(layer)] for layer, _ in neurons[k]])
+            index_i = torch.tensor([int(unit) for _, unit in neurons[k]])
+            out[k] = stacked[row, index_l, index_i].numpy().astype(np.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def usable_sentences(sentences: pd.DataFrame, facts: pd.DataFrame, max_unk_share: float) -> pd.Series:
+    """Sentences whose numbers mean what they say for this model: [MASK] read, at most
+    ``max_unk_share`` of the pieces unknown, and (T1) a tail the model writes as one known piece,
+    so the [MASK] stands for exactly the tail token."""
+    single = sentences[["relation", "fact_id"]].merge(
+        facts[["relation", "fact_id", "tail_single_token"]], on=["relation", "fact_id"], how="left"
+    )["tail_single_token"].fillna(False).to_numpy(dtype=bool)
+    unk_share = sentences["n_unk"] / sentences["n_pieces"].clip(lower=1)
+    ok = sentences["readable"].to_numpy(dtype=bool) & (unk_share <= max_unk_share).to_numpy()
+    return pd.Series(ok & ((sentences["type"] != "T1").to_numpy() | single), index=sentences.index)
+
+
+def fact_means(activations: pd.DataFrame, sentences: pd.DataFrame) -> pd.DataFrame:
+    """Per (method, fact, neuron): mean activation over the fact's T1 / T2 / T3 sentences.
+
+    ``sentences`` are those counted (e.g. all readable ones, or the usable ones); a fact is
+    kept only if each of the three types has at least one counted sentence, so the three
+    means of a relation always come from the same facts.
+    """
+    keys = ["relation", "fact_id", "type", "sentence_idx"]
+    rows = activations.merge(sentences[keys], on=keys, how="inner")
+    neuron_keys = ["relation", "method", "fact_id", "layer", "neuron", "order"]
+    means = rows.groupby(neuron_keys + ["type"], sort=True)["activation"].mean().unstack("type")
+    means = means.reindex(columns=list(TYPES))
+    means = means.dropna(how="any").reset_index()
+    means.columns.name = None
+    return means.sort_values(["relation", "method", "fact_id", "order"], kind="stable").reset_index(drop=True)
+
+
+def relation_means(per_fact: pd.DataFrame) -> pd.DataFrame:
+    """Per relation and method: the mean over every pooled (fact, neuron) value (SPEC §6)."""
+    grouped = per_fact.groupby(["relation", "method"], sort=True)
+    out = grouped[list(TYPES)].mean()
+    out["n_facts"] = grouped["fact_id"].nunique()
+    out["n_values"] = grouped.size()
+    return out.reset_index()[["relation", "method", "n_facts", "n_values", *TYPES]]
+
+
+def overall_means(per_relation: pd.DataFrame) -> pd.DataFrame:
+    """Per method: the unweighted mean over relations of the per-relation means (SPEC §6)."""
+    grouped = per_relation.groupby("method", sort=True)
+    out = grouped[list(TYPES)].mean()
+    out["n_relations"] = grouped.size()
+    out["n_facts"] = grouped["n_facts"].sum()
+    return out.reset_index()[["method", "n_relations", "n_facts", *TYPES]]
+
+
+def trigger_ranking(activations: pd.DataFrame, method: str = "ig") -> pd.DataFrame:
+    """Stage 5: per fact and T1 sentence, the sum of its KN activations at [MASK], highest first."""
+    rows = activations[(activations["method"] == method) & (activations["type"] == "T1")]
+    scores = rows.groupby(["relation", "fact_id", "sentence_idx"], sort=True)["activation"].sum().rename("score")
+    scores = scores.reset_index()
+    return scores.sort_values(["relation", "fact_id", "score", "sentence_idx"], ascending=[True, True, False, True], kind="stable")
+
+
+def usability_table(facts: pd.DataFrame, sentences: pd.DataFrame, max_unk_share: float) -> pd.DataFrame:
+    """Per relation (and "all"): how many facts and sentences the model at hand can really use.
+
+    Facts: studied, without th or h sentences, with KNs (ig / base), whose tail is one known
+    piece. Sentences per type: total, tail not found (T1), cut by the position limit, [MASK]
+    cut off (unreadable), mostly unknown pieces, usable (:func:`usable_sentences`).
+    """
+    sentences = sentences.assign(
+        usable=usable_sentences(sentences, facts, max_unk_share),
+        mostly_unk=sentences["n_unk"] / sentences["n_pieces"].clip(lower=1) > max_unk_share,
+        mask_cut_off=sentences["text"].notna() & ~sentences["readable"].astype(bool),
+        tail_not_found=sentences["text"].isna(),
+    )
+    rows = []
+    for relation in [*sorted(facts["relation"].unique()), "all"]:
+        f = facts if relation == "all" else facts[facts["relation"] == relation]
+        s = sentences if relation == "all" else sentences[sentences["relation"] == relation]
+        row: dict[str, object] = {
+            "relation": relation,
+            "facts": len(f),
+            "facts_no_exmp": int((f["status_ig"] == "no_exmp").sum()),
+            "facts_kn_ig": int((f["n_kn_ig"] > 0).sum()),
+            "facts_kn_base": int((f["n_kn_base"] > 0).sum()),
+            "tails_single_token": int(f["tail_single_token"].sum()),
+        }
+        for kind in TYPES:
+            t = s[s["type"] == kind]
+            row[f"{kind}_sentences"] = len(t)
+            for column in ("tail_not_found", "truncated", "mask_cut_off", "mostly_unk", "usable"):
+                if column != "tail_not_found" or kind == "T1":
+                    row[f"{kind}_{column}"] = int(t[column].astype(bool).sum())
+        row["unk_piece_share"] = float(s["n_unk"].sum() / max(1, s["n_pieces"].sum()))
+        rows.append(row)
+    return pd.DataFrame(rows)
