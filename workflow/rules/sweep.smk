@@ -1,1 +1,75 @@
-# (filled in by its issue)
+# Model-organism sweep (issue 9), active only with experiment=organism-sweep (sweep.variants set).
+# Each variant is this same workflow run with the variant's overrides into its own results
+# directory, so its model goes through the same train_model rule and its study through the
+# same attribution/refine/evaluate rules; the outer job only collects the variant's files.
+import json
+
+SWEEP_VARIANTS = [
+    name for name in CFG.sweep.variants if CFG.sweep.only is None or name in CFG.sweep.only
+]
+
+
+def variant_overrides_for(variant):
+    """Outer overrides + the variant's own, redirected into results/sweep/<variant>/."""
+    from kn.sweep import variant_overrides
+
+    return OVERRIDES + [f"results_dir={RESULTS}/sweep/{variant}", "sweep.variants={}"] + variant_overrides(
+        CFG.sweep.variants, variant
+    )
+
+
+def variant_targets(variant):
+    vcfg = compose_config(variant_overrides_for(variant))  # validates the variant's config early
+    model_dir = f"{vcfg.results_dir}/{vcfg.model.name}"
+    return [f"{model_dir}/model_card.md", f"{model_dir}/analysis/kn_stats.json", f"{model_dir}/evaluate/summary.csv"]
+
+
+if SWEEP_VARIANTS:
+
+    rule sweep_variant:
+        output:
+            f"{RESULTS}/sweep/{{variant}}.json",
+        params:
+            config=lambda wc: shlex.quote("overrides=" + json.dumps(variant_overrides_for(wc.variant))),
+            targets=lambda wc: " ".join(variant_targets(wc.variant)),
+            variant_dir=lambda wc: f"{RESULTS}/sweep/{wc.variant}",
+            overrides=stage_args("seed", "results_dir", "data", "model", "sweep"),
+        log:
+            log_path("sweep/{variant}"),
+        benchmark:
+            bench_path("sweep/{variant}")
+        threads: workflow.cores
+        resources:
+            mem_mb=6000,
+        conda:
+            CONDA_ENV
+        shell:
+            "(snakemake --snakefile {workflow.main_snakefile} --cores {threads} --config {params.config} "
+            "{params.targets} && python -m kn.stages.sweep_collect --in variant_dir={params.variant_dir} "
+            "--out record={output} {params.overrides}) > {log} 2>&1"
+
+    rule sweep_summary:
+        input:
+            expand(f"{RESULTS}/sweep/{{variant}}.json", variant=SWEEP_VARIANTS),
+        output:
+            csv=f"{RESULTS}/sweep/sweep.csv",
+            md=f"{RESULTS}/sweep/sweep.md",
+            json=f"{RESULTS}/sweep/sweep.json",
+            png=f"{RESULTS}/sweep/effects.png",
+            pdf=f"{RESULTS}/sweep/effects.pdf",
+        params:
+            records=lambda wc, input: " ".join(f"--in record:{Path(p).stem}={p}" for p in input),
+            overrides=stage_args("seed", "results_dir", "data", "model", "sweep"),
+        log:
+            log_path("sweep/summary"),
+        benchmark:
+            bench_path("sweep/summary")
+        conda:
+            CONDA_ENV
+        shell:
+            "python -m kn.stages.sweep_summary {params.records} --out csv={output.csv} --out markdown={output.md} "
+            "--out json={output.json} --out figure_png={output.png} --out figure_pdf={output.pdf} "
+            "{params.overrides} > {log} 2>&1"
+
+    TARGETS.clear()  # the sweep experiment's product is the sweep table, not one model's study
+    TARGETS.extend(rules.sweep_summary.output)

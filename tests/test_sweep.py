@@ -1,0 +1,80 @@
+"""The organism sweep's collection and seed-stability measure, on hand-built run files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from kn.sweep import collect_variant, neuron_jaccard, variant_overrides
+
+
+def _neurons(rows):
+    return pd.DataFrame(rows, columns=["relation", "method", "fact_id", "layer", "neuron", "order"])
+
+
+def test_jaccard_per_fact_matches_set_arithmetic():
+    a = _neurons([("P1", "ig", 0, 5, 1, 0), ("P1", "ig", 0, 5, 2, 1), ("P1", "ig", 1, 3, 3, 0), ("P1", "base", 2, 0, 0, 0)])
+    b = _neurons([("P1", "ig", 0, 5, 2, 0), ("P1", "ig", 0, 4, 9, 1), ("P1", "ig", 2, 1, 1, 0)])
+    out = neuron_jaccard(a, b).set_index("fact_id")
+    assert out.loc[0, "jaccard"] == pytest.approx(1 / 3)  # {(5,1),(5,2)} vs {(5,2),(4,9)}
+    assert out.loc[1, "jaccard"] == 0.0 and out.loc[1, "n_b"] == 0
+    assert out.loc[2, "jaccard"] == 0.0 and out.loc[2, "n_a"] == 0  # base neurons of fact 2 are ignored
+    both_empty = neuron_jaccard(_neurons([]), _neurons([]))
+    assert both_empty.empty
+    same = neuron_jaccard(a, a)
+    assert (same["jaccard"] == 1.0).all()
+
+
+def test_facts_without_neurons_in_either_run_are_not_listed():
+    a = _neurons([("P1", "base", 0, 1, 1, 0)])
+    assert neuron_jaccard(a, a, method="base")["jaccard"].tolist() == [1.0]
+    assert neuron_jaccard(a, _neurons([]), method="ig").empty
+
+
+def test_variant_overrides_names_missing_keys():
+    variants = {"ffn512": {"factor": "ffn_width", "value": 512, "overrides": ["model.train.intermediate_size=512"]}}
+    assert variant_overrides(variants, "ffn512") == ["model.train.intermediate_size=512"]
+    with pytest.raises(KeyError, match="no variant 'x'"):
+        variant_overrides(variants, "x")
+    with pytest.raises(KeyError, match="lacks 'overrides'"):
+        variant_overrides({"bad": {"factor": "f", "value": 1}}, "bad")
+
+
+def test_collect_variant_reads_the_run_files(tmp_path):
+    model_dir = tmp_path / "kn-tiny"
+    (model_dir / "training").mkdir(parents=True)
+    (model_dir / "analysis").mkdir()
+    (model_dir / "evaluate").mkdir()
+    (model_dir / "neurons").mkdir()
+    (model_dir / "attributions" / "P1").mkdir(parents=True)
+    (model_dir / "training" / "metrics.json").write_text(json.dumps({
+        "overall": {"train_accuracy": 0.9, "heldout_accuracy": 0.8, "majority_baseline": 0.2},
+        "training": {"steps": 100, "wall_seconds": 12.5}, "data": {"parameters": 1234}}))
+    (model_dir / "analysis" / "kn_stats.json").write_text(json.dumps({
+        "methods": {m: {"avg_kn_per_fact": v, "n_facts_without_kn": 1} for m, v in (("ig", 3.0), ("base", 4.0))},
+        "layer_share": {"ig": [0.25, 0.75], "base": [0.5, 0.5]}}))
+    for rel, p, ok in (("P1", 0.75, True),):
+        (model_dir / "neurons" / f"{rel}.json").write_text(json.dumps(
+            {"ig": {"p": p, "in_target": ok}, "base": {"p": 0.7, "in_target": False}}))
+    pd.DataFrame({"gold_prob": [0.2, 0.4]}).to_parquet(model_dir / "attributions" / "P1" / "000.prompts.parquet")
+    pd.DataFrame({"gold_prob": [0.6]}).to_parquet(model_dir / "attributions" / "P1" / "001.prompts.parquet")
+    summary = pd.DataFrame([
+        ("mean", "ig", "suppress_own", "all", -0.3, -0.4, -0.2, 2),
+        ("mean", "random", "suppress_own", "all", -0.01, -0.02, 0.0, 2),
+        ("P1", "ig", "suppress_own", "all", -0.9, -1.0, -0.8, 2),
+        ("mean", "ig", "suppress_own", "with_kn", -0.5, -0.6, -0.4, 1),
+    ], columns=["relation", "method", "metric", "variant", "ratio", "ci_low", "ci_high", "n_facts"])
+    summary.to_csv(model_dir / "evaluate" / "summary.csv", index=False)
+
+    record = collect_variant(model_dir, ["P1"])
+    assert record["mean_gold_prob"] == pytest.approx(0.4)
+    assert record["suppress_own_ig"] == -0.3 and record["suppress_own_ig_ci_low"] == -0.4
+    assert record["suppress_own_random"] == -0.01
+    assert "amplify_own_ig" not in record
+    assert record["ig_p_mean"] == 0.75 and record["ig_relations_off_target"] == 0
+    assert record["base_relations_off_target"] == 1
+    assert record["ig_mean_layer"] == pytest.approx(0.25 * 1 + 0.75 * 2)
+    assert record["ig_top_layer_share"] == 0.75 and not math.isnan(record["heldout_accuracy"])
