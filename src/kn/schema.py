@@ -133,8 +133,9 @@ class DistantConfig:
 class SweepConfig:
     """Model-organism sweep (experiment=organism-sweep); empty variants = no sweep."""
 
+    baseline: str = "baseline"
+    only: Optional[list[str]] = None
     variants: dict[str, Any] = field(default_factory=dict)
-    facts_per_relation: Optional[int] = None
 
 
 @dataclass
