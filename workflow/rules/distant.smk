@@ -5,6 +5,7 @@
 DISTANT_RESOURCES = [f"{CFG.distant.resources_dir}/sentences.parquet", f"{CFG.distant.resources_dir}/stats.json"]
 DISTANT_DIR = f"{MODEL_DIR}/distant"
 TRIGGER_RELATIONS = [rel for rel in CFG.distant.trigger_relations if rel in RELATIONS]
+DISTANT_CATEGORY = "4. Activating prompts"
 DISTANT_TABLES = {  # stage 4's per-relation outputs, by kind
     kind: expand(f"{DISTANT_DIR}/{{relation}}.{kind}.parquet", relation=RELATIONS)
     for kind in ("facts", "sentences", "activations")
@@ -51,11 +52,11 @@ rule distant_summary:
         activations=DISTANT_TABLES["activations"],
     output:
         fact_means=f"{DISTANT_DIR}/fact_means.parquet",
-        by_relation=f"{DISTANT_DIR}/activation_by_relation.csv",
-        overall=f"{DISTANT_DIR}/activation_overall.csv",
-        usability=f"{DISTANT_DIR}/usability.csv",
-        markdown=f"{DISTANT_DIR}/activation.md",
-        figure_png=f"{DISTANT_DIR}/distant.png",
+        by_relation=report(f"{DISTANT_DIR}/activation_by_relation.csv", caption="../report/distant_by_relation.rst", category=DISTANT_CATEGORY),
+        overall=report(f"{DISTANT_DIR}/activation_overall.csv", caption="../report/distant_overall.rst", category=DISTANT_CATEGORY),
+        usability=report(f"{DISTANT_DIR}/usability.csv", caption="../report/distant_usability.rst", category=DISTANT_CATEGORY),
+        markdown=report(f"{DISTANT_DIR}/activation.md", caption="../report/distant_markdown.rst", category=DISTANT_CATEGORY),
+        figure_png=report(f"{DISTANT_DIR}/distant.png", caption="../report/distant_figure.rst", category=DISTANT_CATEGORY),
         figure_pdf=f"{DISTANT_DIR}/distant.pdf",
     params:
         overrides=stage_args("seed", "model.name", "distant.max_len", "distant.max_unk_share"),
@@ -85,7 +86,13 @@ rule distant_triggers:
         sentences=f"{DISTANT_DIR}/{{relation}}.sentences.parquet",
         activations=f"{DISTANT_DIR}/{{relation}}.activations.parquet",
     output:
-        markdown=f"{DISTANT_DIR}/triggers/{{relation}}.md",
+        markdown=report(
+            f"{DISTANT_DIR}/triggers/{{relation}}.md",
+            caption="../report/distant_triggers.rst",
+            category=DISTANT_CATEGORY,
+            subcategory="Trigger sentences",
+            labels={"relation": "{relation}"},
+        ),
     params:
         overrides=stage_args("seed", "model.name", "distant.trigger_lines"),
     log:

@@ -1,0 +1,62 @@
+"""The summary stage on hand-built result files: optional inputs, markdown, CSV, HTML."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kn.paper_numbers import PAPER_NUMBERS
+from kn.stages import summary
+from kn.stages.cli import run_stage
+
+
+def _write_results(root: Path) -> dict[str, Path]:
+    paths = {
+        "data_stats": root / "data_stats.json",
+        "kn_stats": root / "kn_stats.json",
+        "distant": root / "activation_overall.csv",
+        "model_card": root / "model_card.md",
+        "benchmarks": root / "benchmarks",
+    }
+    paths["data_stats"].write_text(json.dumps({"totals": {"relations": 1, "facts": 4, "prompts": 20}}))
+    paths["kn_stats"].write_text(json.dumps({"methods": {m: {"avg_kn_per_fact": 2.5, "intra_shared": 1.0, "inter_shared": None, "n_facts": 4} for m in ("ig", "base")}, "layer_share": {"ig": [0.25, 0.75]}}))
+    pd.DataFrame([("all", "ig", 1, 4, 0.75, 0.5, 0.25)], columns=["subset", "method", "n_relations", "n_facts", "T1", "T2", "T3"]).to_csv(paths["distant"], index=False)
+    paths["model_card"].write_text("# Model card: tiny\n\nA tiny model.\n")
+    (paths["benchmarks"] / "P1").mkdir(parents=True)
+    (paths["benchmarks"] / "P1" / "000.tsv").write_text("s\th:m:s\n6.0\t0:00:06\n")
+    return paths
+
+
+def _run(paths: dict[str, Path], out: Path) -> None:
+    run_stage(summary.main, "summary", [
+        *[f"--in={name}={path}" for name, path in paths.items()],
+        f"--in=table:distant_overall={paths['distant']}", f"--in=evaluate={out}/never-written.csv",
+        f"--out=markdown={out}/summary.md", f"--out=table={out}/summary.csv", f"--out=html={out}/summary.html",
+        "model.name=tiny", "study.facts_per_relation=4",
+    ])  # fmt: skip
+
+
+def test_summary_writes_table_markdown_and_html(tmp_path: Path) -> None:
+    paths = _write_results(tmp_path)
+    _run(paths, tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("experiment")
+    assert len(table) == len(PAPER_NUMBERS)
+    assert table.loc["BingRel mean KN activation, T1 / T2 / T3", "this_run"] == "0.750 / 0.500 / 0.250"
+    assert table.loc["Time to identify one fact's KNs", "this_run"].startswith("1.50 s")  # 6 s / 4 studied facts
+    assert table.loc["Suppress (×0): Δ correct probability", "this_run"] == "not run"  # file given but never written
+    markdown = (tmp_path / "out" / "summary.md").read_text()
+    assert "## Paper vs this run" in markdown and "### Model card: tiny" in markdown
+    assert "study:\n  facts_per_relation: 4" in markdown  # the run's config, as composed
+    page = (tmp_path / "out" / "summary.html").read_text()
+    assert "Activating prompts (SPEC §6), overall" in page and "<pre># Model card: tiny" in page
+    assert page.count("<table") == 2  # the comparison and the one study table given
+
+
+def test_summary_names_a_malformed_input(tmp_path: Path) -> None:
+    paths = _write_results(tmp_path)
+    paths["kn_stats"].write_text("{ not json")
+    with pytest.raises(SystemExit, match=r"kn_stats.json:1: malformed JSON"):
+        _run(paths, tmp_path / "out")

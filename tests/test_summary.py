@@ -1,0 +1,78 @@
+"""kn.summary + kn.paper_numbers: the paper-vs-run table from hand-built result files."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from kn.paper_numbers import PAPER_NUMBERS
+from kn.summary import EXTRACTORS, NOT_RUN, RunResults, paper_vs_run
+
+
+def _run() -> RunResults:
+    evaluate = pd.DataFrame(
+        [
+            ("mean", "ig", "suppress_own", "all", -0.25, -0.30, -0.20),
+            ("mean", "base", "suppress_own", "all", -0.01, -0.02, 0.0),
+            ("mean", "ig", "suppress_own", "with_kn", -0.5, -0.6, -0.4),  # not the paper's variant
+            ("P1", "ig", "suppress_own", "all", -0.9, -0.95, -0.85),  # a relation, not the mean
+            ("mean", "ig", "amplify_own", "all", 0.125, 0.1, 0.15),
+        ],
+        columns=["relation", "method", "metric", "variant", "ratio", "ci_low", "ci_high"],
+    )
+    update = pd.DataFrame(
+        [("kn", "all", 20, 0.5, 0.25, 3.0, 1.5), ("random", "all", 20, 0.05, 0.0, 0.5, 0.25), ("kn", "P1", 10, 1.0, 1.0, 9.0, 9.0)],
+        columns=["method", "scope", "edits", "change_rate", "success_rate", "ppl_intra_delta", "ppl_inter_delta"],
+    )
+    erase = pd.DataFrame(
+        [("P19", 10.0, 20.0, 1.0, 100.0, 110.0, 0.1), ("P27", 5.0, 6.0, 0.2, 90.0, 91.0, 0.01)],
+        columns=["relation", "ppl_before", "ppl_after", "ppl_change", "other_ppl_before", "other_ppl_after", "other_ppl_change"],
+    )
+    distant = pd.DataFrame(
+        [("all", "ig", 0.5, 0.25, -0.125), ("all", "base", 0.1, 0.2, 0.3), ("usable", "ig", 9.0, 9.0, 9.0)],
+        columns=["subset", "method", "T1", "T2", "T3"],
+    )
+    kn_stats = {
+        "methods": {
+            "ig": {"avg_kn_per_fact": 3.5, "intra_shared": 1.25, "inter_shared": None, "n_facts": 8},
+            "base": {"avg_kn_per_fact": 2.0, "intra_shared": 0.5, "inter_shared": 0.75, "n_facts": 8},
+        },
+        "layer_share": {"ig": [0.1, 0.1, 0.2, 0.6, 0.0, 0.0]},
+    }
+    return RunResults(
+        data_stats={"totals": {"relations": 2, "facts": 8, "prompts": 80}}, kn_stats=kn_stats, evaluate=evaluate,
+        update=update, erase=erase, distant=distant, attribution_seconds=[3.0, 5.0],
+    )  # fmt: skip
+
+
+def test_every_paper_number_has_an_extractor_and_a_status() -> None:
+    assert {p.key for p in PAPER_NUMBERS} == set(EXTRACTORS)
+    assert all(p.status.startswith("[") or p.status.startswith("ours [") for p in PAPER_NUMBERS)
+    assert len({p.key for p in PAPER_NUMBERS}) == len(PAPER_NUMBERS)
+
+
+def test_paper_vs_run_reads_the_headline_rows() -> None:
+    table = paper_vs_run(_run()).set_index("experiment")
+    paper = {p.experiment: p for p in PAPER_NUMBERS}
+    for experiment, row in table.iterrows():  # the paper's columns are SPEC's, untouched
+        assert (row["paper"], row["paper_baseline"], row["status"]) == (paper[experiment].paper, paper[experiment].baseline, paper[experiment].status)
+    assert table.loc["Data: relations / facts / prompts", "this_run"] == "2 / 8 / 80 (studied: 8 facts)"
+    assert table.loc["Time to identify one fact's KNs", "this_run"].startswith(f"{(3.0 + 5.0) / 8:.2f} s")
+    assert table.loc["Average #KN per fact", ["this_run", "this_run_baseline"]].tolist() == ["3.50", "2.00"]
+    assert table.loc["Shared KNs, inter-relation pairs", ["this_run", "this_run_baseline"]].tolist() == ["n/a", "0.75"]
+    assert table.loc["Layer distribution", "this_run"] == "most in layer 4 of 6 (60%); layers 5–6: 0%"
+    assert table.loc["Suppress (×0): Δ correct probability", "this_run"] == "-25.00% [-30.00%, -20.00%]"
+    assert table.loc["Suppress (×0): Δ correct probability", "this_run_baseline"] == "-1.00% [-2.00%, +0.00%]"
+    assert table.loc["Amplify (×2): Δ correct probability", "this_run_baseline"] == "n/a"  # no base row
+    assert table.loc["BingRel mean KN activation, T1 / T2 / T3", "this_run"] == "0.500 / 0.250 / -0.125"
+    assert table.loc["Update: change rate / success rate", "this_run"] == "50.0% / 25.0% (20 edits)"
+    assert table.loc["Update: change rate / success rate", "this_run_baseline"] == "random: 5.0% / 0.0% (20 edits)"
+    assert table.loc["Update: ΔPPL intra / inter", "this_run"] == "3.0 / 1.5 (20 edits)"
+    assert table.loc["Erase P19 PPL", "this_run"] == "10.0 → 20.0 (+100.0%)"
+    assert table.loc["Erase P106 PPL", "this_run"] == "not erased in this run"
+    assert table.loc["Erase: other relations' PPL", "this_run"] == "90.0–100.0 → 91.0–110.0 (+1.0% to +10.0%)"
+
+
+def test_missing_files_read_as_not_run() -> None:
+    table = paper_vs_run(RunResults())
+    assert (table["this_run"] == NOT_RUN).all()
+    assert table["source"].str.len().gt(0).all()
