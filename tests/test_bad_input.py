@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from kn.config import ConfigError, compose_config
-from kn.stages import ingest
+from kn.data.pararel import build_bags
+from kn.io import read_parquet, write_parquet
+from kn.stages import attribute, ingest
 from kn.stages.cli import run_stage
 
 from .conftest import RESOURCES
@@ -155,3 +157,57 @@ def test_threshold_below_the_stored_floor_names_both_keys_and_the_fix() -> None:
     assert "'refine.t' = 0.05 is below ig.storage_ratio = 0.1" in message
     assert "Use refine.t >= 0.1 or rerun attribution with a lower ig.storage_ratio" in message
     compose_config(["refine.t=0.05", "ig.storage_ratio=0.05"])  # lowering the floor makes it valid
+
+
+# --- model and tokenizer ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def p937_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """P937's first 4 facts as the ingest stage writes them: London, Paris, Madrid, Gloucester."""
+    prompts, _ = build_bags(RESOURCES, ["P937"], max_facts_per_relation=4)
+    path = tmp_path_factory.mktemp("data") / "P937.parquet"
+    write_parquet(path, prompts)
+    return path
+
+
+def _attribute_argv(data: Path, out: Path, model_path: Path | str, shard: int) -> list[str]:
+    return [
+        "--relation", "P937", "--shard", str(shard), "--in", f"data={data}",
+        "--out", f"scores={out / 'scores.parquet'}", "--out", f"prompts={out / 'prompts.parquet'}",
+        "model=hf", "model.name=tiny", f"model.path={model_path}", "data.max_facts_per_relation=4",
+        "study.facts_per_relation=4", "ig.m=2", "ig.facts_per_shard=2",
+    ]
+
+
+def test_model_path_that_does_not_exist(p937_data: Path, tmp_path: Path) -> None:
+    message = _stage_error(attribute.main, _attribute_argv(p937_data, tmp_path, tmp_path / "no-such-model", 0))
+    assert f"error: model path '{tmp_path / 'no-such-model'}' does not exist" in message
+    assert "set model.path to a directory written by save_pretrained()" in message
+    assert not (tmp_path / "scores.parquet").exists()
+
+
+def test_model_without_a_masked_lm_head(p937_data: Path, tmp_path: Path, tiny_bert_dir: Path) -> None:
+    from transformers import BertModel
+
+    headless = tmp_path / "headless"
+    BertModel.from_pretrained(tiny_bert_dir).save_pretrained(headless)  # encoder only, no cls.* head
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        if (tiny_bert_dir / name).exists():
+            shutil.copy(tiny_bert_dir / name, headless / name)
+    message = _stage_error(attribute.main, _attribute_argv(p937_data, tmp_path, headless, 0))
+    assert f"'{headless}' has no trained masked-LM head (missing ['cls.predictions" in message
+    assert "saved from a *ForMaskedLM / *ForPreTraining model" in message
+
+
+def test_multi_token_objects_are_skipped_and_counted(
+    p937_data: Path, tmp_path: Path, tiny_bert_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_stage(attribute.main, "attribute", _attribute_argv(p937_data, tmp_path, tiny_bert_dir, 1))  # facts 2, 3
+    table = read_parquet(tmp_path / "prompts.parquet")
+    skipped = table[table["gold_id"] == -1]
+    assert set(skipped["fact_id"]) == {3} and len(skipped) == 5  # Gloucester: one row per template, kept, marked
+    assert (table.loc[table["fact_id"] == 2, "gold_id"] >= 0).all()  # Madrid is one token: attributed
+    scores = read_parquet(tmp_path / "scores.parquet")
+    assert set(scores["fact_id"]) == {2}
+    assert "5 prompts skipped: object(s) not one token of this vocabulary: ['Gloucester']" in capsys.readouterr().err
