@@ -17,7 +17,7 @@ rule edit_update:
         data=[relation_data(rel) for rel in RELATIONS],
     output:
         edits=f"{MODEL_DIR}/edit/update.parquet",
-        summary_csv=f"{MODEL_DIR}/edit/update_summary.csv",
+        summary_csv=report(f"{MODEL_DIR}/edit/update_summary.csv", caption="../report/update_summary.rst", category="5. Editing"),
         summary_md=f"{MODEL_DIR}/edit/update_summary.md",
     params:
         overrides=stage_args(*EDIT_STUDY_SECTIONS, "edit", "refine.relation_share"),
@@ -43,7 +43,7 @@ rule edit_erase:
         neurons=expand(f"{MODEL_DIR}/neurons/{{relation}}.parquet", relation=RELATIONS),
         data=[relation_data(rel) for rel in RELATIONS],
     output:
-        erase_csv=f"{MODEL_DIR}/edit/erase.csv",
+        erase_csv=report(f"{MODEL_DIR}/edit/erase.csv", caption="../report/erase.rst", category="5. Editing"),
         erase_md=f"{MODEL_DIR}/edit/erase.md",
     params:
         overrides=stage_args(*EDIT_STUDY_SECTIONS, "erase"),

@@ -32,11 +32,11 @@ rule kn_analysis:
         summaries=expand(f"{MODEL_DIR}/neurons/{{relation}}.json", relation=RELATIONS),
     output:
         stats=f"{MODEL_DIR}/analysis/kn_stats.json",
-        table=f"{MODEL_DIR}/analysis/kn_stats.csv",
+        table=report(f"{MODEL_DIR}/analysis/kn_stats.csv", caption="../report/kn_stats.rst", category="2. Knowledge neurons"),
         markdown=f"{MODEL_DIR}/analysis/kn_stats.md",
-        per_relation=f"{MODEL_DIR}/analysis/kn_per_relation.csv",
-        layers=f"{MODEL_DIR}/analysis/layer_distribution.csv",
-        figure_png=f"{MODEL_DIR}/analysis/kneurons_distribution.png",
+        per_relation=report(f"{MODEL_DIR}/analysis/kn_per_relation.csv", caption="../report/kn_per_relation.rst", category="2. Knowledge neurons"),
+        layers=report(f"{MODEL_DIR}/analysis/layer_distribution.csv", caption="../report/layer_distribution.rst", category="2. Knowledge neurons"),
+        figure_png=report(f"{MODEL_DIR}/analysis/kneurons_distribution.png", caption="../report/kneurons_distribution.rst", category="2. Knowledge neurons"),
         figure_pdf=f"{MODEL_DIR}/analysis/kneurons_distribution.pdf",
     params:
         overrides=stage_args("seed", "model", "results_dir", "evaluate.inter_draws"),
