@@ -7,7 +7,7 @@
 report: "../report/workflow.rst"
 
 
-# Files the summary reads, each only if a rule of this workflow writes it (rules.<name> exists).
+# Files the summary reads, each only if a rule of this workflow writes it (e.g. train_model only for trained models).
 SUMMARY_INPUTS = {
     name: path
     for name, (rule_name, path) in {
@@ -26,7 +26,7 @@ SUMMARY_INPUTS = {
         "table:update": ("edit_update", f"{MODEL_DIR}/edit/update_summary.csv"),
         "table:erase": ("edit_erase", f"{MODEL_DIR}/edit/erase.csv"),
     }.items()
-    if hasattr(rules, rule_name)
+    if rules.has(rule_name)  # hasattr() would raise: Snakemake's Rules raises WorkflowError, not AttributeError
 }
 
 
