@@ -116,7 +116,7 @@ DISTANT_STYLE = {  # stage 4 sentence types: legend label and colour (SPEC §9, 
 }
 
 
-def distant_figure(per_relation: pd.DataFrame, ylabel: str = "Average activation of knowledge neurons") -> Figure:
+def distant_figure(per_relation: pd.DataFrame, ylabel: str = "Mean KN activation at [MASK]") -> Figure:
     """``distant``: per relation (sorted ids) three bars, the mean KN activation on T1 / T2 / T3.
 
     ``per_relation`` has columns relation, T1, T2, T3 (one method and sentence subset).
@@ -131,6 +131,6 @@ def distant_figure(per_relation: pd.DataFrame, ylabel: str = "Average activation
     ax.set_xticklabels(rows["relation"].tolist(), rotation=90)
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_ylabel(ylabel)
-    ax.legend(frameon=False, fontsize="small")
+    ax.legend(frameon=False, fontsize="small", ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0))  # above the bars
     fig.tight_layout()
     return fig
