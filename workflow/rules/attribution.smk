@@ -15,7 +15,7 @@ rule attribute:
         log_path(f"{MODEL}/attributions/{{relation}}/{{shard}}"),
     benchmark:
         bench_path(f"{MODEL}/attributions/{{relation}}/{{shard}}")
-    threads: min(2, workflow.cores)
+    threads: 2  # scaled down to --cores locally; workflow.cores is unset (an error) on cluster executors
     resources:
         # the trained organism is small; a pretrained BERT-base/large with batch 64 needs a few GB
         mem_mb=2000 if CFG.model.source == "trained" else 8000,
