@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -78,6 +79,9 @@ def test_conversion_round_trip_and_counts(tmp_path: Path, query_pairs: Path) -> 
     assert table["sentence"].tolist() == expected_pool
     assert json.loads((out / "stats.json").read_text())["counts"] == stats["counts"]
     assert pq.read_metadata(out / "sentences.parquet").row_group(0).column(4).compression == "ZSTD"
+    shuffled = pq.read_table(out / "sentences.parquet").to_pandas().sample(frac=1.0, random_state=0)
+    pq.write_table(pa.Table.from_pandas(shuffled, preserve_index=False), out / "sentences.parquet")
+    assert load_sentences(out)[0]["sentence"].tolist() == expected_pool  # any row order reads back in pool order
 
 
 def test_conversion_rejects_lists_not_aligned_with_the_facts(tmp_path: Path, query_pairs: Path) -> None:
@@ -103,7 +107,7 @@ def test_load_sentences_errors_name_the_file(tmp_path: Path, query_pairs: Path) 
     _convert_module().convert(_tarball(tmp_path / "t.tar.xz", BAGS), out, query_pairs, level=3)
     table = pq.read_table(out / "sentences.parquet").to_pandas()
     table.loc[1, "kind"] = "t"
-    pq.write_table(pq.read_table(out / "sentences.parquet").from_pandas(table, preserve_index=False), out / "sentences.parquet")
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), out / "sentences.parquet")
     with pytest.raises(DataError, match=r"sentences.parquet: row 1: kind 't'; expected 'th' or 'h'"):
         load_sentences(out)
 

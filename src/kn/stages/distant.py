@@ -97,7 +97,7 @@ def main(args: StageArgs) -> None:
             f"but {len(facts)} facts are studied; the Bing lists must be aligned with query_pairs.json"
         )
     pool = bing["sentence"].tolist()  # the global th+h pool of every relation (SPEC §6, T3)
-    mine = bing[bing["relation"] == relation]
+    mine = bing[(bing["relation"] == relation) & bing["fact_id"].isin(facts["fact_id"])]
     bags = {(int(f), str(k)): list(g["sentence"]) for (f, k), g in mine.groupby(["fact_id", "kind"], sort=False)}
 
     device = resolve_device(cfg.ig.device)
