@@ -175,11 +175,13 @@ def encode_sentences(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], m
     mask_token, mask_id, unk_id = tokenizer.mask_token, tokenizer.mask_token_id, tokenizer.unk_token_id
     if mask_token is None or mask_id is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no mask token; a masked LM is required")
+    encoded = EncodedSentences([], [], [], [], [])
+    if not texts:  # the tokenizer rejects an empty batch
+        return encoded
     texts = [t.replace(MASK_LITERAL, mask_token) for t in texts]
     pieces_list = tokenizer(texts, add_special_tokens=False)["input_ids"]
     cut = tokenizer(texts, add_special_tokens=True, truncation="longest_first", max_length=max_len)["input_ids"]
     n_special = tokenizer.num_special_tokens_to_add()
-    encoded = EncodedSentences([], [], [], [], [])
     for pieces, ids in zip(pieces_list, cut):
         encoded.input_ids.append(list(ids))
         encoded.mask_positions.append(ids.index(mask_id) if mask_id in ids else -1)

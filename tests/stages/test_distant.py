@@ -155,3 +155,24 @@ def test_summary_tables_figure_and_triggers(stage4: Path, inputs: Path, tiny_ber
 def test_shown_ranks_keep_top_and_bottom() -> None:
     assert distant_triggers.shown_ranks(3, 20) == [0, 1, 2]
     assert distant_triggers.shown_ranks(10, 5) == [0, 1, 2, 8, 9]
+
+
+def test_a_relation_without_knowledge_neurons_gives_empty_tables(inputs: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:
+    empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in [("relation", str), ("method", str), ("fact_id", "int32"),
+                                                             ("layer", "int16"), ("neuron", "int32"), ("order", "int32")]})  # fmt: skip
+    write_parquet(tmp_path / "neurons.parquet", empty)
+    run_stage(distant.main, "distant", [
+        "--relation", "P1", f"--in=data={inputs}/P1.parquet", f"--in=neurons={tmp_path}/neurons.parquet",
+        f"--in=sentences={inputs}/bing/sentences.parquet", *[f"--out={k}={tmp_path}/P1.{k}.parquet" for k in ("facts", "sentences", "activations")],
+        *_config(tiny_bert_dir),
+    ])  # fmt: skip
+    assert pd.read_parquet(tmp_path / "P1.activations.parquet").empty
+    assert set(pd.read_parquet(tmp_path / "P1.facts.parquet")["status_ig"]) == {"no_kn", "no_exmp"}
+    run_stage(distant_summary.main, "distant_summary", [
+        *[f"--in={k}:P1={tmp_path}/P1.{k}.parquet" for k in ("facts", "sentences", "activations")],
+        *[f"--out={name}={tmp_path}/out/{name}.{ext}" for name, ext in [("fact_means", "parquet"), ("by_relation", "csv"), ("overall", "csv"),
+                                                                       ("usability", "csv"), ("markdown", "md"), ("figure_png", "png"), ("figure_pdf", "pdf")]],
+        *_config(tiny_bert_dir),
+    ])  # fmt: skip
+    assert pd.read_csv(tmp_path / "out" / "overall.csv").empty
+    assert pd.read_csv(tmp_path / "out" / "usability.csv").set_index("relation").loc["P1", "facts_kn_ig"] == 0
