@@ -323,6 +323,7 @@ def test_usable_sentences_and_usability_counts() -> None:
     assert (p1["T2_mask_cut_off"], p1["T2_truncated"], p1["T2_usable"]) == (1, 2, 1)
     assert (p1["T3_mostly_unk"], p1["T3_usable"]) == (1, 0)
     assert p1["unk_piece_share"] == pytest.approx((3 + 6 + 5) / (10 + 600 + 10 + 10 + 10))
+    assert p1["pieces_per_word"] == pytest.approx((10 + 600 + 10 + 10 + 10) / (2 * 5))  # texts of two words; tail not found left out
     assert table.loc["P2", "facts_no_exmp"] == 1 and table.loc["all", "facts"] == 3
 
 

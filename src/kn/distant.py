@@ -307,7 +307,9 @@ def usability_table(facts: pd.DataFrame, sentences: pd.DataFrame, max_unk_share:
 
     Facts: studied, without th or h sentences, with KNs (ig / base), whose tail is one known
     piece. Sentences per type: total, tail not found (T1), cut by the position limit, [MASK]
-    cut off (unreadable), mostly unknown pieces, usable (:func:`usable_sentences`).
+    cut off (unreadable), mostly unknown pieces, usable (:func:`usable_sentences`); the share
+    of unknown pieces and the pieces per space-separated word (about 1.3 for text a vocabulary
+    covers; a small vocabulary splits web text into many pieces without [UNK]).
     """
     sentences = sentences.assign(
         usable=usable_sentences(sentences, facts, max_unk_share),
@@ -334,5 +336,7 @@ def usability_table(facts: pd.DataFrame, sentences: pd.DataFrame, max_unk_share:
                 if column != "tail_not_found" or kind == "T1":
                     row[f"{kind}_{column}"] = int(t[column].astype(bool).sum())
         row["unk_piece_share"] = float(s["n_unk"].sum() / max(1, s["n_pieces"].sum()))
+        found = s[s["text"].notna()]  # words split into many pieces: text far from the model's vocabulary
+        row["pieces_per_word"] = float(found["n_pieces"].sum() / max(1, found["text"].str.split(" ").str.len().sum()))
         rows.append(row)
     return pd.DataFrame(rows)

@@ -61,6 +61,7 @@ def summary_markdown(overall: pd.DataFrame, by_relation: pd.DataFrame, usability
             )
         ]  # fmt: skip
     compact["unk_piece_share"] = usability["unk_piece_share"]
+    compact["pieces_per_word"] = usability["pieces_per_word"]
     return "\n".join(
         [
             "# Activating prompts on web sentences (SPEC §6)",
@@ -84,7 +85,8 @@ def summary_markdown(overall: pd.DataFrame, by_relation: pd.DataFrame, usability
             "Facts: studied; without th or h sentences (skipped, as in the paper); with IG knowledge neurons; whose tail "
             "is one known token (otherwise the T1 [MASK] stands for several pieces). Per type: usable / readable "
             "([MASK] within the kept pieces and, for T1, the tail found) / all sentences. unk_piece_share: share of "
-            "all wordpieces that are unknown to the tokenizer.",
+            "all wordpieces that are unknown to the tokenizer; pieces_per_word: wordpieces per space-separated word (a "
+            "vocabulary that covers the text gives about 1.3; a small one splits web words into many pieces).",
             "",
             markdown_table(compact),
         ]
