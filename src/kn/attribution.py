@@ -12,7 +12,8 @@ The fast path computes exactly that, but only what depends on the replaced vecto
 * one plain forward pass per prompt (prefix caching) gives every layer's input and
   output; layer l's attention sublayer is unchanged, so its output row at [MASK] is
   LN(W2·(alpha·a) + b2 + r) with r cached, and the other rows are the cached output;
-* layers l+1 .. L-2 run on all positions; the top layer and the MLM head only on the
+* block l+1 reuses the cached query/key/value projections of the unchanged rows;
+  blocks l+2 .. L-2 run on all positions; the top block and the MLM head only on the
   [MASK] row (nothing else reaches the target probability);
 * prompts × steps are batched per forward, padded only to the chunk's longest prompt
   (prompts are processed shortest first);
@@ -40,7 +41,7 @@ from tqdm.auto import tqdm
 
 from kn.hooks import capture_activations
 from kn.models.arch import num_ffn_layers
-from kn.models.blocks import EncoderBlock, encoder_blocks, mlm_head
+from kn.models.blocks import EncoderBlock, attention_bias, encoder_blocks, mlm_head
 from kn.models.encoding import EncodedPrompts
 
 log = logging.getLogger("kn.attribution")
@@ -114,12 +115,13 @@ def _plain_forward(
     model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor, layers: Sequence[int]
 ) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
     """Unmodified HF forward: (hidden states: embeddings + every block's output, activations at
-    [MASK] [B, len(layers), F], logits at [MASK] [B, V])."""
+    [MASK] [B, len(layers), F], logits at [MASK] [B, V]). The MLM head runs on the [MASK] rows only."""
     rows = torch.arange(ids.shape[0], device=ids.device)
     with torch.no_grad(), capture_activations(model, positions, layers) as captured:
-        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        out = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        logits = mlm_head(model)(out.hidden_states[-1][rows, positions])
     activations = torch.stack([captured[layer] for layer in layers], dim=1)
-    return out.hidden_states, activations, out.logits[rows, positions]
+    return out.hidden_states, activations, logits
 
 
 def activation_scores(
@@ -177,17 +179,18 @@ class _LayerCache:
     next_qkv: tuple[Tensor, Tensor, Tensor] | None  # block l+1's q, k, v of ``output``; None for the top layer
 
     def rows(self, index: Tensor) -> "_LayerCache":
+        """The cache of rows ``index`` (a tensor: advanced indexing copies, so callers may write)."""
         qkv = None if self.next_qkv is None else tuple(t[index] for t in self.next_qkv)
         return _LayerCache(self.residual[index], self.output[index], qkv)  # type: ignore[arg-type]
 
 
 def _layer_cache(blocks: list[EncoderBlock], layer: int, hidden: tuple[Tensor, ...], positions: Tensor,
-                 key_mask: Tensor) -> _LayerCache:
+                 key_bias: Tensor) -> _LayerCache:
     """``hidden`` are the plain pass's hidden states (embeddings, then each block's output)."""
     with torch.no_grad():
         rows = torch.arange(positions.shape[0], device=positions.device)
         picked = hidden[layer][rows, positions][:, None, :]
-        residual = blocks[layer].attention(picked, hidden[layer], key_mask)[:, 0]
+        residual = blocks[layer].attention(picked, hidden[layer], key_bias)[:, 0]
         output = hidden[layer + 1]
         next_qkv = blocks[layer + 1].qkv(output) if layer + 1 < len(blocks) else None
     return _LayerCache(residual, output, next_qkv)
@@ -199,11 +202,14 @@ def _target_prob_from_layer(
     layer: int,
     scaled: Tensor,
     cache: _LayerCache,
-    key_mask: Tensor,
+    key_bias: Tensor,
     positions: Tensor,
     targets: Tensor,
 ) -> Tensor:
     """P(target) per row [R] when layer ``layer``'s FFN activation at [MASK] is ``scaled`` [R, F].
+
+    ``cache`` holds this batch's own copies of the cached tensors (they are written into);
+    ``key_bias`` [R, 1, 1, T] is the additive attention mask (see ``attention_bias``).
 
     Only the [MASK] row of layer l's output changes. Block l+1 reuses the cached q, k, v
     of every other row (their inputs are unchanged); blocks l+2 .. L-2 run on all rows;
@@ -215,22 +221,23 @@ def _target_prob_from_layer(
         return _prob(head(mask_row), targets)
     assert cache.next_qkv is not None
     following = blocks[layer + 1]
-    is_mask = torch.zeros(key_mask.shape, dtype=torch.bool, device=key_mask.device)
-    is_mask[torch.arange(is_mask.shape[0], device=is_mask.device), positions] = True
-    at_mask = is_mask[:, :, None]
+    rows = torch.arange(positions.shape[0], device=positions.device)
     q_row, k_row, v_row = following.qkv(mask_row)
-    q_all, k_all, v_all = cache.next_qkv
-    k = torch.where(at_mask, k_row[:, None, :], k_all)
-    v = torch.where(at_mask, v_row[:, None, :], v_all)
+    q_all, k_all, v_all = cache.next_qkv  # per-row copies: writing the [MASK] row into them is safe
+    # in-place writes of the [MASK] row: its gradient is a gather, not a masked pass over [R, T, H]
+    # (.to: under bf16 autocast the new rows are bf16, the cached tensors fp32)
+    k_all[rows, positions] = k_row.to(k_all.dtype)
+    v_all[rows, positions] = v_row.to(v_all.dtype)
     if layer + 1 == top:
-        final = following.ffn(following.attend(mask_row[:, None, :], q_row[:, None, :], k, v, key_mask))[:, 0]
+        final = following.ffn(following.attend(mask_row[:, None, :], q_row[:, None, :], k_all, v_all, key_bias))[:, 0]
         return _prob(head(final), targets)
-    inputs = torch.where(at_mask, mask_row[:, None, :], cache.output)
-    q = torch.where(at_mask, q_row[:, None, :], q_all)
-    hidden = following.ffn(following.attend(inputs, q, k, v, key_mask))
+    inputs = cache.output
+    inputs[rows, positions] = mask_row.to(inputs.dtype)
+    q_all[rows, positions] = q_row.to(q_all.dtype)
+    hidden = following.ffn(following.attend(inputs, q_all, k_all, v_all, key_bias))
     for block in blocks[layer + 2 : top]:
-        hidden = block(hidden, key_mask)
-    return _prob(head(blocks[top].rows(hidden, positions, key_mask)), targets)
+        hidden = block(hidden, key_bias)
+    return _prob(head(blocks[top].rows(hidden, positions, key_bias)), targets)
 
 
 def _prob(logits: Tensor, targets: Tensor) -> Tensor:
@@ -269,7 +276,7 @@ def ig_attribution(
     for chunk in _chunks_by_length(encoded, prompts_per_chunk):
         ids, mask, positions = _pad(model, encoded, chunk)
         hidden, acts, _ = _plain_forward(model, ids, mask, positions, chosen)
-        key_mask = mask.bool()
+        key_bias = attention_bias(mask)
         if scores is None:
             scores = torch.empty((len(encoded), len(chosen), acts.shape[-1]), dtype=torch.float32)
         targets = targets_all[chunk].to(device)
@@ -277,7 +284,7 @@ def ig_attribution(
         row_prompt = torch.arange(n_rows, device=device) // m
         row_alpha = steps.to(device)[torch.arange(n_rows, device=device) % m]
         for slot, layer in enumerate(chosen):
-            cache = _layer_cache(blocks, layer, hidden, positions, key_mask)
+            cache = _layer_cache(blocks, layer, hidden, positions, key_bias)
             step = acts[:, slot] / m  # [B, F]: the authors' step (a - baseline) / m
             grad_sum = torch.zeros_like(step, dtype=torch.float32)
             for start in range(0, n_rows, batch_size):
@@ -285,7 +292,7 @@ def ig_attribution(
                 scaled = (step[p] * row_alpha[start : start + batch_size, None]).requires_grad_(True)
                 with torch.enable_grad(), _precision(device, dtype):
                     prob = _target_prob_from_layer(
-                        blocks, head, layer, scaled, cache.rows(p), key_mask[p], positions[p], targets[p]
+                        blocks, head, layer, scaled, cache.rows(p), key_bias[p], positions[p], targets[p]
                     )
                 (grad,) = torch.autograd.grad(prob.sum(), scaled)
                 grad_sum.index_add_(0, p, grad.float())

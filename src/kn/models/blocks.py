@@ -77,23 +77,24 @@ class EncoderBlock:
         """Query, key and value projections of ``hidden`` [..., H]."""
         return self.query(hidden), self.key(hidden), self.value(hidden)
 
-    def attend(self, queries: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
+    def attend(self, queries: Tensor, q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor) -> Tensor:
         """Attention sublayer output (after its residual LayerNorm) for the ``queries`` rows [B, Tq, H].
 
         ``q`` [B, Tq, H] are their query projections; ``k``, ``v`` [B, T, H] the projections of
-        every position; ``key_mask`` [B, T] is True on real tokens. Padded keys get
-        probability exactly 0, as in HF.
+        every position; ``key_bias`` [B, 1, 1, T] from :func:`attention_bias`. Plain matmul +
+        softmax in HF's eager order: for prompt-length sequences it is faster on CPU than
+        ``scaled_dot_product_attention``'s kernels, forward and backward.
         """
         batch, q_len, hidden = queries.shape
-        context = F.scaled_dot_product_attention(
-            self._heads(q), self._heads(k), self._heads(v), attn_mask=key_mask[:, None, None, :]
-        )
+        scale = (hidden // self.num_heads) ** -0.5
+        scores = torch.matmul(self._heads(q), self._heads(k).transpose(-1, -2)) * scale + key_bias
+        context = torch.matmul(torch.softmax(scores, dim=-1), self._heads(v))
         context = context.transpose(1, 2).reshape(batch, q_len, hidden)
         return self.attn_norm(self.attn_out(context) + queries)
 
-    def attention(self, queries: Tensor, keys: Tensor, key_mask: Tensor) -> Tensor:
+    def attention(self, queries: Tensor, keys: Tensor, key_bias: Tensor) -> Tensor:
         """:meth:`attend` with the projections computed here (``queries`` are rows of ``keys``)."""
-        return self.attend(queries, self.query(queries), self.key(keys), self.value(keys), key_mask)
+        return self.attend(queries, self.query(queries), self.key(keys), self.value(keys), key_bias)
 
     def ffn_from_activation(self, activation: Tensor, residual: Tensor) -> Tensor:
         """Block output from a (possibly replaced) FFN activation and the attention sublayer output."""
@@ -103,13 +104,22 @@ class EncoderBlock:
         """Block output from the attention sublayer output."""
         return self.ffn_from_activation(self.act(self.ffn_in(residual)), residual)
 
-    def __call__(self, hidden: Tensor, key_mask: Tensor) -> Tensor:
-        return self.ffn(self.attention(hidden, hidden, key_mask))
+    def __call__(self, hidden: Tensor, key_bias: Tensor) -> Tensor:
+        return self.ffn(self.attention(hidden, hidden, key_bias))
 
-    def rows(self, hidden: Tensor, positions: Tensor, key_mask: Tensor) -> Tensor:
+    def rows(self, hidden: Tensor, positions: Tensor, key_bias: Tensor) -> Tensor:
         """Block output at one position per sequence ([B, H]); every position still serves as key."""
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions][:, None, :]
-        return self.ffn(self.attention(picked, hidden, key_mask))[:, 0]
+        return self.ffn(self.attention(picked, hidden, key_bias))[:, 0]
+
+
+def attention_bias(attention_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Additive key mask [B, 1, 1, T] from a 0/1 attention mask [B, T]: 0 on real tokens, -inf on padding.
+
+    -inf gives padded keys probability exactly 0 (SPEC §1: padding has no numerical effect).
+    """
+    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill(attention_mask == 0, float("-inf"))[:, None, None, :]
 
 
 def _check_supported(model: nn.Module) -> str:
