@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kn.io import parquet_is_valid, read_parquet
+from kn.io import parquet_is_valid, read_parquet, read_provenance
 from kn.stages import refine
 from kn.stages.cli import run_stage
 
@@ -83,6 +83,12 @@ def _run(results: Path, model_dir: Path, *options: str) -> str:
     return result.stdout + result.stderr
 
 
+def _provenance(path: Path) -> dict:
+    record = read_provenance(path)
+    record["config"].pop("results_dir")
+    return record
+
+
 def assert_same_results(run: Path, reference: Path) -> None:
     """Same files with the same content; provenance may differ only by results_dir."""
     names = [p.relative_to(reference) for p in _final_files(reference)]
@@ -90,6 +96,7 @@ def assert_same_results(run: Path, reference: Path) -> None:
     for name in names:
         if name.suffix == ".parquet":
             pd.testing.assert_frame_equal(read_parquet(run / name), read_parquet(reference / name), check_exact=True)
+            assert _provenance(run / name) == _provenance(reference / name), name
         elif name.suffix == ".json":
             ours, theirs = json.loads((run / name).read_text()), json.loads((reference / name).read_text())
             for record in (ours, theirs):
