@@ -295,7 +295,10 @@ def ig_attribution(
                         blocks, head, layer, scaled, cache.rows(p), key_bias[p], positions[p], targets[p]
                     )
                 (grad,) = torch.autograd.grad(prob.sum(), scaled)
-                grad_sum.index_add_(0, p, grad.float())
+                # sum each prompt's steps in row order (p is sorted); unlike index_add_, this is
+                # deterministic on CUDA too
+                batch_prompts, counts = torch.unique_consecutive(p, return_counts=True)
+                grad_sum[batch_prompts] += torch.stack([g.sum(0) for g in grad.float().split(counts.tolist())])
             scores[torch.tensor(chunk), slot] = (step * grad_sum).float().cpu()
         bar.update(len(chunk))
     bar.close()

@@ -5,7 +5,7 @@ must recompute only what depends on it: resume a block *after* its FFN activatio
 the top block for the [MASK] row alone, apply the MLM head to that row alone. The HF
 modules cannot do that, so this module reads each block's parameters once (detached:
 no parameter ever enters an autograd graph) and reimplements the block's forward pass
-exactly (same operations, same order). Tests compare it with the unmodified HF model.
+with the same operations as HF's eager path. Tests compare it with the unmodified HF model.
 """
 
 from __future__ import annotations
