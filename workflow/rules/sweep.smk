@@ -52,10 +52,10 @@ if SWEEP_VARIANTS:
         input:
             expand(f"{RESULTS}/sweep/{{variant}}.json", variant=SWEEP_VARIANTS),
         output:
-            csv=f"{RESULTS}/sweep/sweep.csv",
+            csv=report(f"{RESULTS}/sweep/sweep.csv", caption="../report/sweep_table.rst", category="6. Organism sweep"),
             md=f"{RESULTS}/sweep/sweep.md",
             json=f"{RESULTS}/sweep/sweep.json",
-            png=f"{RESULTS}/sweep/effects.png",
+            png=report(f"{RESULTS}/sweep/effects.png", caption="../report/sweep_effects.rst", category="6. Organism sweep"),
             pdf=f"{RESULTS}/sweep/effects.pdf",
         params:
             records=lambda wc, input: " ".join(f"--in record:{Path(p).stem}={p}" for p in input),
