@@ -5,7 +5,9 @@ its label), and the distant stage's ``facts``, ``sentences`` and ``activations``
 ``markdown``: per fact with IG KNs and readable T1 sentences, the triplet, the KN list and
 the sentences ranked by the sum of the KN activations at [MASK]. The authors write the
 top 20 (all of a fact's <= 10 sentences); with more than distant.trigger_lines sentences
-the top and bottom halves of that many lines are shown. Deterministic: no draws.
+the top and bottom halves of that many lines are shown. The authors print space-joined
+wordpieces; this prints the masked sentence as text with its share of unknown pieces and
+whether it was cut, which says the same for a reader. Deterministic: no draws.
 """
 
 from __future__ import annotations
