@@ -27,6 +27,7 @@ class TrainConfig:
     max_steps: int = 3000
     target_accuracy: Optional[float] = None
     eval_every: int = 250
+    eval_sample: int = 2000
     batch_size: int = 64
     lr: float = 7e-4
     weight_decay: float = 0.01

@@ -1,0 +1,390 @@
+"""Train the embedded model organism `kn-tiny`: a WordPiece tokenizer and a BERT masked LM from scratch.
+
+No pretrained English masked LM is available offline, so the pipeline trains its own on
+ParaRel: every fact is shown through its relation's templates with the object masked.
+The tokenizer keeps every object label a single token, so the paper's gold-id lookup
+(SPEC §1: the whole object string is one vocabulary entry) applies unchanged. Some
+templates per relation are held out of training to measure whether a fact is known
+across paraphrases rather than memorised per template.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import string
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import pandas as pd
+import torch
+from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
+from tokenizers.models import WordLevel
+from torch.nn import functional as F
+from tqdm import tqdm
+from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+from kn.models.encoding import encode_prompts
+from kn.schema import TrainConfig
+
+log = logging.getLogger("kn.training")
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+MAX_POSITIONS = 512  # the web-sentence stages (SPEC §6) encode up to 512 pieces
+IGNORE = -100
+
+
+def choose_heldout_templates(
+    template_counts: Mapping[str, int], per_relation: int, min_templates: int, seed: int
+) -> dict[str, list[int]]:
+    """Template ids held out of training, per relation (sorted; empty below ``min_templates``).
+
+    The draw is seeded per relation (string seeds hash deterministically in CPython), so
+    adding or removing a relation never changes another relation's held-out templates.
+    At least one template per relation always stays in training.
+    """
+    heldout: dict[str, list[int]] = {}
+    for relation in sorted(template_counts):
+        n_templates = template_counts[relation]
+        if n_templates < min_templates or per_relation <= 0:
+            heldout[relation] = []
+            continue
+        rng = random.Random(f"kn-heldout:{seed}:{relation}")
+        heldout[relation] = sorted(rng.sample(range(n_templates), min(per_relation, n_templates - 1)))
+    return heldout
+
+
+def mark_heldout(prompts: pd.DataFrame, heldout: Mapping[str, Sequence[int]]) -> pd.Series:
+    """Boolean per prompt row: is its template held out of training?"""
+    pairs = {(rel, int(t)) for rel, ids in heldout.items() for t in ids}
+    return pd.Series(
+        [(rel, int(t)) in pairs for rel, t in zip(prompts["relation"], prompts["template_id"])],
+        index=prompts.index,
+        dtype=bool,
+    )
+
+
+def filled_sentences(prompts: pd.DataFrame) -> list[str]:
+    """Prompts with the object written in place of [MASK]: the tokenizer's training text."""
+    return [p.replace("[MASK]", o) for p, o in zip(prompts["prompt"], prompts["object"])]
+
+
+def train_wordpiece_tokenizer(sentences: Iterable[str], objects: Iterable[str], vocab_size: int) -> BertTokenizerFast:
+    """A cased WordPiece tokenizer for ``sentences``, with every object label one whole-word entry.
+
+    Normalisation and pre-tokenisation are BERT's (cased, accents kept). The word vocabulary is
+    learned with the ``tokenizers`` WordLevel trainer (the ``vocab_size`` most frequent words,
+    ties in lexicographic order). Deviation from a learned multi-character WordPiece vocabulary:
+    the ``tokenizers`` WordPiece trainer breaks ties in hash order, so it learns a different
+    vocabulary in every process, which would break determinism under the seed. Words outside
+    the vocabulary are split into single characters (``c`` + ``##c`` pieces, all present),
+    so they never become [UNK]. Objects are appended after the learned words, sorted.
+    """
+    sentences = list(sentences)
+    objects = sorted(set(objects))
+    backend = Tokenizer(WordLevel(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=vocab_size, min_frequency=1, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+    )
+    backend.train_from_iterator(sentences, trainer)
+    learned = sorted(backend.get_vocab().items(), key=lambda item: item[1])
+    vocab = {token: index for index, (token, _) in enumerate(learned)}
+    characters = set(string.ascii_letters + string.digits + string.punctuation)
+    characters.update(c for text in [*sentences, *objects] for c in text if not c.isspace())
+    for token in [*sorted(characters), *(f"##{c}" for c in sorted(characters)), *objects]:
+        if token not in vocab:
+            vocab[token] = len(vocab)
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=False, strip_accents=False)
+    tokenizer.model_max_length = MAX_POSITIONS
+    return tokenizer
+
+
+@dataclass
+class EncodedExamples:
+    """Training prompts as token ids with the object's position and gold id."""
+
+    input_ids: list[list[int]]
+    mask_positions: list[int]
+    object_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def subset(self, rows: Sequence[int]) -> "EncodedExamples":
+        return EncodedExamples(
+            [self.input_ids[i] for i in rows], [self.mask_positions[i] for i in rows], [self.object_ids[i] for i in rows]
+        )
+
+
+def encode_examples(tokenizer: BertTokenizerFast, prompts: pd.DataFrame) -> EncodedExamples:
+    """Encode prompt rows; every object must be a single vocabulary entry (guaranteed by the tokenizer)."""
+    vocab = tokenizer.get_vocab()
+    missing = sorted({o for o in prompts["object"] if o not in vocab})
+    if missing:
+        raise ValueError(f"objects not in the tokenizer vocabulary: {missing[:5]} ({len(missing)} in all)")
+    encoded = encode_prompts(tokenizer, list(prompts["prompt"]))
+    return EncodedExamples(encoded.input_ids, encoded.mask_positions, [vocab[o] for o in prompts["object"]])
+
+
+def build_model(recipe: TrainConfig, vocab_size: int, pad_id: int) -> BertForMaskedLM:
+    """A randomly initialised BERT masked LM (initialisation seeded by ``recipe.seed``)."""
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=recipe.hidden_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+        intermediate_size=recipe.intermediate_size,
+        hidden_act="gelu",
+        hidden_dropout_prob=recipe.dropout,
+        attention_probs_dropout_prob=recipe.dropout,
+        max_position_embeddings=MAX_POSITIONS,
+        pad_token_id=pad_id,
+    )
+    torch.manual_seed(recipe.seed)
+    return BertForMaskedLM(config)
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """One epoch of batches: shuffled, then sorted by length inside pools of 32 batches (little padding)."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    pool = batch_size * 32
+    batches: list[list[int]] = []
+    for start in range(0, len(order), pool):
+        block = sorted(order[start : start + pool], key=lambda i: lengths[i])
+        batches.extend(block[i : i + batch_size] for i in range(0, len(block), batch_size))
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
+
+
+def pad_batch(examples: EncodedExamples, rows: Sequence[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(examples.input_ids[i]) for i in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, i in enumerate(rows):
+        seq = examples.input_ids[i]
+        ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention[r, : len(seq)] = 1
+    return ids, attention
+
+
+def mask_other_tokens(
+    ids: torch.Tensor,
+    attention: torch.Tensor,
+    mask_positions: torch.Tensor,
+    prob: float,
+    special_ids: torch.Tensor,
+    mask_id: int,
+    vocab_size: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's usual masking of the non-object tokens: pick ``prob`` of them; 80% [MASK], 10% random, 10% kept.
+
+    Returns (corrupted ids, labels with IGNORE where no loss is taken). The object position
+    is already [MASK] and is excluded here.
+    """
+    labels = torch.full_like(ids, IGNORE)
+    if prob <= 0:
+        return ids, labels
+    candidates = attention.bool() & ~torch.isin(ids, special_ids)
+    candidates[torch.arange(ids.shape[0]), mask_positions] = False
+    chosen = (torch.rand(ids.shape, generator=generator) < prob) & candidates
+    labels[chosen] = ids[chosen]
+    roll = torch.rand(ids.shape, generator=generator)
+    random_ids = torch.randint(len(SPECIAL_TOKENS), vocab_size, ids.shape, generator=generator)
+    corrupted = ids.clone()
+    corrupted[chosen & (roll < 0.8)] = mask_id
+    swap = chosen & (roll >= 0.8) & (roll < 0.9)
+    corrupted[swap] = random_ids[swap]
+    return corrupted, labels
+
+
+@torch.no_grad()
+def object_accuracy(model: BertForMaskedLM, examples: EncodedExamples, pad_id: int, batch_size: int = 256) -> float:
+    """Top-1 accuracy at the object position over the full vocabulary (eval mode, no other masking)."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples.input_ids[i]))
+    correct = 0
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        ids, attention = pad_batch(examples, rows, pad_id)
+        hidden = model.bert(input_ids=ids, attention_mask=attention).last_hidden_state
+        positions = torch.tensor([examples.mask_positions[i] for i in rows])
+        logits = model.cls(hidden[torch.arange(len(rows)), positions])
+        gold = torch.tensor([examples.object_ids[i] for i in rows])
+        correct += int((logits.argmax(-1) == gold).sum())
+    model.train(was_training)
+    return correct / max(1, len(examples))
+
+
+@dataclass
+class TrainingHistory:
+    """Per-step training loss, periodic evaluations, and why training stopped."""
+
+    step_loss: list[float] = field(default_factory=list)
+    evaluations: list[dict[str, float]] = field(default_factory=list)
+    stop_reason: str = ""
+    steps: int = 0
+    seconds: float = 0.0
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then linear decay to 0 at ``total`` steps (BERT's schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def train_masked_lm(
+    model: BertForMaskedLM,
+    train: EncodedExamples,
+    recipe: TrainConfig,
+    pad_id: int,
+    mask_id: int,
+    special_ids: Sequence[int],
+    evaluate: Callable[[BertForMaskedLM], dict[str, float]],
+) -> TrainingHistory:
+    """Train until ``recipe.max_steps`` or until ``evaluate(model)["train_accuracy"] >= recipe.target_accuracy``.
+
+    The object position carries the main loss; other tokens add BERT's usual MLM loss at
+    ``recipe.other_mask_prob``. Logits are computed only at labelled positions (the
+    vocabulary projection dominates the cost otherwise). Stopping short of saturation is
+    deliberate: a model trained to ~100% hides its knowledge neurons (issue 3).
+    """
+    generator = torch.Generator().manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed)  # dropout draws
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, recipe.warmup_steps, recipe.max_steps)
+    )
+    specials = torch.tensor(list(special_ids), dtype=torch.long)
+    vocab_size = model.config.vocab_size
+    lengths = [len(seq) for seq in train.input_ids]
+    history = TrainingHistory()
+    batches: list[list[int]] = []
+    start_time = time.perf_counter()
+    model.train()
+    progress = tqdm(total=recipe.max_steps, desc="train kn-tiny", unit="step", mininterval=5.0)
+    for step in range(recipe.max_steps):
+        if not batches:
+            batches = length_grouped_batches(lengths, recipe.batch_size, generator)
+        rows = batches.pop()
+        ids, attention = pad_batch(train, rows, pad_id)
+        positions = torch.tensor([train.mask_positions[i] for i in rows])
+        gold = torch.tensor([train.object_ids[i] for i in rows])
+        ids, other_labels = mask_other_tokens(
+            ids, attention, positions, recipe.other_mask_prob, specials, mask_id, vocab_size, generator
+        )
+        hidden = model.bert(input_ids=ids, attention_mask=attention).last_hidden_state
+        loss = F.cross_entropy(model.cls(hidden[torch.arange(len(rows)), positions]), gold)
+        other = other_labels != IGNORE
+        if other.any():
+            loss = loss + F.cross_entropy(model.cls(hidden[other]), other_labels[other])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        history.step_loss.append(float(loss.detach()))
+        history.steps = step + 1
+        progress.update(1)
+        if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.max_steps:
+            scores = {"step": step + 1, "seconds": round(time.perf_counter() - start_time, 1), **evaluate(model)}
+            history.evaluations.append(scores)
+            progress.set_postfix(acc=f"{scores['train_accuracy']:.3f}")
+            log.info("step %d: %s", step + 1, scores)
+            if recipe.target_accuracy is not None and scores["train_accuracy"] >= recipe.target_accuracy:
+                history.stop_reason = f"train_accuracy {scores['train_accuracy']:.4f} >= target {recipe.target_accuracy}"
+                break
+    else:
+        history.stop_reason = f"max_steps {recipe.max_steps} reached"
+    progress.close()
+    history.seconds = time.perf_counter() - start_time
+    model.eval()
+    return history
+
+
+def evaluation_sample(n: int, size: int, seed: int) -> list[int]:
+    """A fixed subset of rows for the periodic evaluation (the full set when ``size`` >= n)."""
+    if size >= n:
+        return list(range(n))
+    return sorted(random.Random(f"kn-eval:{seed}").sample(range(n), size))
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied input/output embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def running_mean(losses: Sequence[float], window: int) -> list[float]:
+    """Running mean of the step loss over ``window`` steps (for the loss curve)."""
+    out: list[float] = []
+    total = 0.0
+    for i, value in enumerate(losses):
+        total += value
+        if i >= window:
+            total -= losses[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+TRAINING_RECORD = "kn_training.json"  # in the saved model directory: held-out templates, recipe, data
+
+
+@dataclass
+class TrainedOrganism:
+    model: BertForMaskedLM
+    tokenizer: BertTokenizerFast
+    heldout: dict[str, list[int]]
+    history: TrainingHistory
+    train_prompts: int
+    heldout_prompts: int
+
+
+def train_organism(prompts: pd.DataFrame, vocabulary_objects: Iterable[str], recipe: TrainConfig) -> TrainedOrganism:
+    """Tokenizer + masked LM from ingested ParaRel prompt rows (all templates of every fact).
+
+    The tokenizer is trained on every prompt with its object filled in, held-out templates
+    included (vocabulary only: the model never trains on those sequences), and gets every
+    label in ``vocabulary_objects`` as a whole-word entry, so any ParaRel fact can be probed.
+    """
+    counts = prompts.groupby("relation")["template_id"].nunique().to_dict()
+    heldout = choose_heldout_templates(counts, recipe.heldout_templates, recipe.heldout_min_templates, recipe.seed)
+    is_heldout = mark_heldout(prompts, heldout)
+    tokenizer = train_wordpiece_tokenizer(filled_sentences(prompts), vocabulary_objects, recipe.vocab_size)
+    train = encode_examples(tokenizer, prompts[~is_heldout])
+    held = encode_examples(tokenizer, prompts[is_heldout])
+    log.info("vocabulary %d, %d training prompts, %d held-out prompts", len(tokenizer.get_vocab()), len(train), len(held))
+    pad_id, mask_id = int(tokenizer.pad_token_id), int(tokenizer.mask_token_id)
+    model = build_model(recipe, len(tokenizer.get_vocab()), pad_id)
+    train_sample = train.subset(evaluation_sample(len(train), recipe.eval_sample, recipe.seed))
+    held_sample = held.subset(evaluation_sample(len(held), recipe.eval_sample, recipe.seed))
+
+    def evaluate(current: BertForMaskedLM) -> dict[str, float]:
+        scores = {"train_accuracy": object_accuracy(current, train_sample, pad_id)}
+        if len(held_sample):
+            scores["heldout_accuracy"] = object_accuracy(current, held_sample, pad_id)
+        return scores
+
+    history = train_masked_lm(model, train, recipe, pad_id, mask_id, tokenizer.all_special_ids, evaluate)
+    return TrainedOrganism(model, tokenizer, heldout, history, len(train), len(held))
+
+
+def read_heldout_templates(model_spec: str | Path) -> dict[str, list[int]]:
+    """Held-out template ids recorded by ``train_model``; empty for any other (pretrained) model."""
+    record_path = Path(model_spec) / TRAINING_RECORD
+    if not record_path.is_file():
+        return {}
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        heldout = record["heldout_templates"]
+        return {str(rel): [int(t) for t in ids] for rel, ids in heldout.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(
+            f"{record_path}: cannot read 'heldout_templates' ({exc}); expected {{relation: [template ids]}}"
+        ) from exc

@@ -1,0 +1,221 @@
+"""What a masked LM knows about ParaRel facts (SPEC §1 and the "get_pred" part of §3).
+
+For every prompt: P(gold) as a softmax over the full vocabulary at the first [MASK], the
+gold token's rank, the top-1 token and whether it is the gold object. Objects that are not
+a single token for the model's tokenizer are marked skipped and never scored, because a
+first-piece score would silently measure something else.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Collection, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kn.models.encoding import encode_prompts, object_token_id
+
+log = logging.getLogger("kn.probe")
+
+PROMPT_MAX_LEN = 128  # ParaRel prompts (SPEC §1)
+PROBE_COLUMNS = [
+    "relation", "fact_id", "template_id", "heldout", "gold_id", "gold_prob", "gold_rank", "pred_token", "correct", "skipped",
+]
+
+
+@torch.no_grad()
+def score_prompts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    gold_ids: Sequence[int],
+    batch_size: int = 64,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Per prompt: gold_prob, gold_rank (1 = top; ties counted in the gold's favour) and pred_id.
+
+    A negative gold id means "no gold": gold_prob is NaN and gold_rank -1, but the prediction
+    is still made. Prompts are batched by length; results come back in input order.
+    """
+    if len(prompts) != len(gold_ids):
+        raise ValueError(f"{len(prompts)} prompts but {len(gold_ids)} gold ids")
+    device = next(model.parameters()).device
+    encoded = encode_prompts(tokenizer, prompts, max_len=PROMPT_MAX_LEN)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    gold_prob = np.full(len(prompts), np.nan, dtype=np.float32)
+    gold_rank = np.full(len(prompts), -1, dtype=np.int32)
+    pred_id = np.zeros(len(prompts), dtype=np.int32)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded.input_ids[i]))
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="probe", unit="batch", disable=not progress, mininterval=5.0):
+        rows = order[start : start + batch_size]
+        width = max(len(encoded.input_ids[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, : len(encoded.input_ids[i])] = torch.tensor(encoded.input_ids[i])
+            attention[r, : len(encoded.input_ids[i])] = 1
+        positions = torch.tensor([encoded.mask_positions[i] for i in rows], device=device)
+        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
+        at_mask = logits[torch.arange(len(rows), device=device), positions].float()
+        probs = torch.softmax(at_mask, dim=-1)
+        top = at_mask.argmax(dim=-1)
+        for r, i in enumerate(rows):
+            pred_id[i] = int(top[r])
+            gold = int(gold_ids[i])
+            if gold >= 0:
+                gold_prob[i] = float(probs[r, gold])
+                gold_rank[i] = int((at_mask[r] > at_mask[r, gold]).sum()) + 1
+    return pd.DataFrame({"gold_prob": gold_prob, "gold_rank": gold_rank, "pred_id": pred_id})
+
+
+def gold_token_ids(tokenizer: PreTrainedTokenizerBase, objects: Sequence[str]) -> np.ndarray:
+    """Vocabulary id per object string, -1 where the object is not a single token."""
+    cache: dict[str, int] = {}
+    for obj in set(objects):
+        token = object_token_id(tokenizer, obj)
+        cache[obj] = -1 if token is None else token
+    return np.array([cache[o] for o in objects], dtype=np.int32)
+
+
+def probe_relation(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: pd.DataFrame,
+    heldout_templates: Collection[int] = (),
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """The probe table (docs/CONTRACTS.md) for ingested prompt rows of one or more relations.
+
+    ``correct`` is "top-1 id == gold id", which for a WordPiece vocabulary equals SPEC §1's
+    "predicted wordpiece string == object string" (the gold id is the object's own entry).
+    """
+    for column in ("relation", "fact_id", "template_id", "prompt", "object"):
+        if column not in prompts.columns:
+            raise ValueError(f"prompt table has no column {column!r}; expected an ingested relation parquet")
+    gold = gold_token_ids(tokenizer, list(prompts["object"]))
+    scores = score_prompts(model, tokenizer, list(prompts["prompt"]), gold.tolist(), batch_size, progress=True)
+    skipped = gold < 0
+    heldout = set(int(t) for t in heldout_templates)
+    table = pd.DataFrame(
+        {
+            "relation": prompts["relation"].astype("string").to_numpy(),
+            "fact_id": prompts["fact_id"].astype("int32").to_numpy(),
+            "template_id": prompts["template_id"].astype("int32").to_numpy(),
+            "heldout": np.array([int(t) in heldout for t in prompts["template_id"]], dtype=bool),
+            "gold_id": gold,
+            "gold_prob": scores["gold_prob"].to_numpy(),
+            "gold_rank": scores["gold_rank"].to_numpy(),
+            "pred_token": pd.array(tokenizer.convert_ids_to_tokens(scores["pred_id"].tolist()), dtype="string"),
+            "correct": (scores["pred_id"].to_numpy() == gold) & ~skipped,
+            "skipped": skipped,
+        }
+    )
+    if skipped.any():
+        log.warning(
+            "%d of %d prompts skipped: objects not one token: %s",
+            int(skipped.sum()), len(table), sorted(set(prompts["object"][skipped]))[:10],
+        )
+    return table[PROBE_COLUMNS]
+
+
+def majority_baseline(facts: pd.DataFrame) -> pd.Series:
+    """Per relation: accuracy of always answering the relation's most frequent object (over its facts)."""
+    return facts.groupby("relation", sort=True)["object"].agg(lambda s: s.value_counts().iloc[0] / len(s))
+
+
+def accuracy_summary(probe: pd.DataFrame, prompts: pd.DataFrame) -> pd.DataFrame:
+    """Per relation: accuracy and mean gold probability on training vs held-out templates, the
+    majority-object baseline over the scored facts, and how many facts were skipped."""
+    merged = probe.merge(
+        prompts[["relation", "fact_id", "template_id", "object"]], on=["relation", "fact_id", "template_id"], how="left"
+    )
+    rows = []
+    for relation, group in merged.groupby("relation", sort=True):
+        scored = group[~group["skipped"]]
+        train, held = scored[~scored["heldout"]], scored[scored["heldout"]]
+        facts = scored.drop_duplicates(["fact_id"])
+        rows.append(
+            {
+                "relation": relation,
+                "facts": int(group["fact_id"].nunique()),
+                "skipped_facts": int(group.loc[group["skipped"], "fact_id"].nunique()),
+                "train_prompts": len(train),
+                "heldout_prompts": len(held),
+                "train_accuracy": train["correct"].mean() if len(train) else np.nan,
+                "heldout_accuracy": held["correct"].mean() if len(held) else np.nan,
+                "train_gold_prob": train["gold_prob"].mean() if len(train) else np.nan,
+                "heldout_gold_prob": held["gold_prob"].mean() if len(held) else np.nan,
+                "majority_baseline": majority_baseline(facts).iloc[0] if len(facts) else np.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def train_template_ids(
+    templates: Mapping[str, Sequence[str]], heldout: Mapping[str, Collection[int]]
+) -> dict[str, list[int]]:
+    """Per relation, the template ids a model was trained on (all of them for pretrained models)."""
+    return {rel: [t for t in range(len(tpls)) if t not in set(heldout.get(rel, ()))] for rel, tpls in templates.items()}
+
+
+def relation_use(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: pd.DataFrame,
+    templates: Mapping[str, Sequence[str]],
+    train_templates: Mapping[str, Sequence[int]],
+    relation_objects: Mapping[str, Collection[str]],
+    seed: int,
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """Does the model read the relation, or answer from the subject alone?
+
+    In ParaRel almost every subject belongs to one relation, so a model can be right without
+    using the template. Each fact's subject is put into the training templates of another
+    relation, drawn uniformly with ``random.Random(seed)`` (facts in relation, fact order).
+    Per subject relation we report ``xrel_own_object``: the share of those prompts answered
+    with the subject's own object, counted only where that object is not a valid answer of
+    the other relation (high = subject-only lookup), and ``xrel_other_type``: the share
+    answered with some object of the other relation (high = the relation is used).
+    """
+    rng = random.Random(seed)
+    relations = sorted(templates)
+    object_ids = {rel: set(gold_token_ids(tokenizer, sorted(objs)).tolist()) - {-1} for rel, objs in relation_objects.items()}
+    prompts: list[str] = []
+    meta: list[tuple[str, str, str]] = []  # subject relation, other relation, own object
+    for row in facts.sort_values(["relation", "fact_id"]).itertuples(index=False):
+        others = [r for r in relations if r != row.relation]
+        if not others:
+            raise ValueError("relation use needs templates of at least two relations")
+        other = rng.choice(others)
+        for template_id in train_templates[other]:
+            prompts.append(templates[other][template_id].replace("[X]", row.subject).replace("[Y]", "[MASK]"))
+            meta.append((row.relation, other, row.object))
+    gold = gold_token_ids(tokenizer, [m[2] for m in meta])
+    scores = score_prompts(model, tokenizer, prompts, gold.tolist(), batch_size, progress=True)
+    frame = pd.DataFrame(meta, columns=["relation", "other", "object"])
+    frame["pred_id"] = scores["pred_id"].to_numpy()
+    frame["gold_id"] = gold
+    frame["eligible"] = [
+        g >= 0 and o not in relation_objects.get(other, ()) for g, o, other in zip(gold, frame["object"], frame["other"])
+    ]
+    frame["own"] = frame["pred_id"] == frame["gold_id"]
+    frame["other_type"] = [p in object_ids.get(other, set()) for p, other in zip(frame["pred_id"], frame["other"])]
+    rows = []
+    for relation, group in frame.groupby("relation", sort=True):
+        eligible = group[group["eligible"]]
+        rows.append(
+            {
+                "relation": relation,
+                "xrel_prompts": len(group),
+                "xrel_own_object": eligible["own"].mean() if len(eligible) else np.nan,
+                "xrel_other_type": group["other_type"].mean(),
+            }
+        )
+    return pd.DataFrame(rows)
