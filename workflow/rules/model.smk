@@ -10,9 +10,9 @@ if CFG.model.source == "trained":
             sorted({path for rel in ALL_RELATIONS for path in pararel_resources(rel)}),
         output:
             model=directory(f"{MODEL_DIR}/model"),
-            card=f"{MODEL_DIR}/model_card.md",
+            card=report(f"{MODEL_DIR}/model_card.md", caption="../report/model_card.rst", category="1. Model"),
             metrics=f"{MODEL_DIR}/training/metrics.json",
-            loss=f"{MODEL_DIR}/training/loss.png",
+            loss=report(f"{MODEL_DIR}/training/loss.png", caption="../report/training_loss.rst", category="1. Model"),
         params:
             overrides=stage_args("seed", "data.resources_dir", "data.max_facts_per_relation", "model"),
         log:
@@ -62,7 +62,7 @@ rule probe_summary:
         data=[relation_data(rel) for rel in RELATIONS],
         model=model_input(),
     output:
-        csv=f"{MODEL_DIR}/probe/accuracy.csv",
+        csv=report(f"{MODEL_DIR}/probe/accuracy.csv", caption="../report/probe_accuracy.rst", category="1. Model"),
         md=f"{MODEL_DIR}/probe/accuracy.md",
     params:
         overrides=stage_args("seed", "data", "model", "ig.device"),
