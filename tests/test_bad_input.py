@@ -16,7 +16,7 @@ import pytest
 from kn.config import ConfigError, compose_config
 from kn.data.pararel import build_bags
 from kn.io import read_parquet, write_parquet
-from kn.stages import attribute, ingest
+from kn.stages import attribute, ingest, probe
 from kn.stages.cli import run_stage
 
 from .conftest import RESOURCES
@@ -211,3 +211,17 @@ def test_multi_token_objects_are_skipped_and_counted(
     scores = read_parquet(tmp_path / "scores.parquet")
     assert set(scores["fact_id"]) == {2}
     assert "5 prompts skipped: object(s) not one token of this vocabulary: ['Gloucester']" in capsys.readouterr().err
+
+
+def test_probe_skips_and_counts_multi_token_objects(
+    p937_data: Path, tmp_path: Path, tiny_bert_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "probe.parquet"
+    run_stage(probe.main, "probe", ["--relation", "P937", "--in", f"data={p937_data}", "--out", f"probe={out}",
+                                    "model=hf", "model.name=tiny", f"model.path={tiny_bert_dir}"])
+    table = read_parquet(out)
+    assert set(table.loc[table["skipped"], "fact_id"]) == {3} and int(table["skipped"].sum()) == 5
+    assert (table.loc[table["skipped"], "gold_id"] == -1).all() and not table.loc[table["skipped"], "correct"].any()
+    err = capsys.readouterr().err
+    assert "5 of 20 prompts skipped: objects not one token: ['Gloucester']" in err
+    assert "P937: 20 prompts" in err and "5 skipped (object not one token)" in err
