@@ -1,4 +1,5 @@
 # Shared helpers: compose the Hydra config once, hand each rule its resolved values.
+import json
 import os
 import shlex
 import sys
@@ -100,3 +101,23 @@ def shard_args(paths):
 def per_relation_args(name, paths):
     """``--in <name>:<relation>=<path>`` flags, one per selected relation (same order as RELATIONS)."""
     return " ".join(f"--in {name}:{rel}={shlex.quote(path)}" for rel, path in zip(RELATIONS, paths))
+
+
+# Organism sweep (workflow/rules/sweep.smk)
+def variant_overrides_for(variant):
+    """Outer overrides + the variant's own, redirected into results/sweep/<variant>/."""
+    from kn.sweep import variant_overrides
+
+    redirect = [f"results_dir={RESULTS}/sweep/{variant}", "sweep.variants={}"]
+    return [*OVERRIDES, *redirect, *variant_overrides(CFG.sweep.variants, variant)]
+
+
+def variant_config_arg(variant):
+    """``--config`` value that runs this workflow as the sweep variant."""
+    return shlex.quote(f"overrides={json.dumps(variant_overrides_for(variant))}")
+
+
+def variant_targets(variant):
+    vcfg = compose_config(variant_overrides_for(variant))  # validates the variant's config early
+    model_dir = f"{vcfg.results_dir}/{vcfg.model.name}"
+    return [f"{model_dir}/model_card.md", f"{model_dir}/analysis/kn_stats.json", f"{model_dir}/evaluate/summary.csv"]

@@ -2,26 +2,9 @@
 # Each variant is this same workflow run with the variant's overrides into its own results
 # directory, so its model goes through the same train_model rule and its study through the
 # same attribution/refine/evaluate rules; the outer job only collects the variant's files.
-import json
-
 SWEEP_VARIANTS = [
     name for name in CFG.sweep.variants if CFG.sweep.only is None or name in CFG.sweep.only
 ]
-
-
-def variant_overrides_for(variant):
-    """Outer overrides + the variant's own, redirected into results/sweep/<variant>/."""
-    from kn.sweep import variant_overrides
-
-    return OVERRIDES + [f"results_dir={RESULTS}/sweep/{variant}", "sweep.variants={}"] + variant_overrides(
-        CFG.sweep.variants, variant
-    )
-
-
-def variant_targets(variant):
-    vcfg = compose_config(variant_overrides_for(variant))  # validates the variant's config early
-    model_dir = f"{vcfg.results_dir}/{vcfg.model.name}"
-    return [f"{model_dir}/model_card.md", f"{model_dir}/analysis/kn_stats.json", f"{model_dir}/evaluate/summary.csv"]
 
 
 if SWEEP_VARIANTS:
@@ -30,7 +13,8 @@ if SWEEP_VARIANTS:
         output:
             f"{RESULTS}/sweep/{{variant}}.json",
         params:
-            config=lambda wc: shlex.quote("overrides=" + json.dumps(variant_overrides_for(wc.variant))),
+            config=lambda wc: variant_config_arg(wc.variant),
+            snakefile=workflow.main_snakefile,
             targets=lambda wc: " ".join(variant_targets(wc.variant)),
             variant_dir=lambda wc: f"{RESULTS}/sweep/{wc.variant}",
             overrides=stage_args("seed", "results_dir", "data", "model", "sweep"),
@@ -38,13 +22,13 @@ if SWEEP_VARIANTS:
             log_path("sweep/{variant}"),
         benchmark:
             bench_path("sweep/{variant}")
-        threads: workflow.cores
+        threads: 2
         resources:
             mem_mb=6000,
         conda:
             CONDA_ENV
         shell:
-            "(snakemake --snakefile {workflow.main_snakefile} --cores {threads} --config {params.config} "
+            "(snakemake --snakefile {params.snakefile} --cores {threads} --config {params.config} "
             "{params.targets} && python -m kn.stages.sweep_collect --in variant_dir={params.variant_dir} "
             "--out record={output} {params.overrides}) > {log} 2>&1"
 
