@@ -23,9 +23,9 @@ rule edit_update:
         overrides=stage_args(*EDIT_STUDY_SECTIONS, "edit", "refine.relation_share"),
         study=EDIT_STUDY_ARGS,
     log:
-        log_path(f"{MODEL_DIR}/edit/update"),
+        log_path(f"{MODEL}/edit/update"),
     benchmark:
-        bench_path(f"{MODEL_DIR}/edit/update")
+        bench_path(f"{MODEL}/edit/update")
     threads: 1
     resources:
         mem_mb=3000,
@@ -49,9 +49,9 @@ rule edit_erase:
         overrides=stage_args(*EDIT_STUDY_SECTIONS, "erase"),
         study=EDIT_STUDY_ARGS,
     log:
-        log_path(f"{MODEL_DIR}/edit/erase"),
+        log_path(f"{MODEL}/edit/erase"),
     benchmark:
-        bench_path(f"{MODEL_DIR}/edit/erase")
+        bench_path(f"{MODEL}/edit/erase")
     threads: 1
     resources:
         mem_mb=3000,
