@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from kn.models.load import load_masked_lm
-from kn.probe import PROBE_COLUMNS, accuracy_summary, probe_relation, relation_use, score_prompts, train_template_ids
+from kn.probe import (
+    PROBE_COLUMNS,
+    accuracy_summary,
+    overall_row,
+    probe_relation,
+    relation_use,
+    score_prompts,
+    train_template_ids,
+)
 
 PROMPTS = [
     "Paris is the capital of [MASK].",
@@ -142,3 +150,13 @@ def test_mismatched_lengths_are_rejected(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="2 prompts but 1 gold ids"):
         score_prompts(model, tokenizer, PROMPTS[:2], [0])
+
+
+def test_overall_row_sums_counts_and_averages_rates():
+    table = pd.DataFrame({"relation": ["P1", "P2", "P3"], "facts": [4, 6, 5], "train_prompts": [10, 30, 20],
+                          "train_accuracy": [1.0, 0.5, 0.6], "heldout_accuracy": [0.4, np.nan, 0.2]})
+    row = overall_row(table)
+    assert row["facts"] == 15 and row["train_prompts"] == 60
+    assert row["train_accuracy"] == pytest.approx((1.0 + 0.5 + 0.6) / 3)
+    assert row["heldout_accuracy"] == pytest.approx(0.3)  # relations without held-out templates do not count
+    assert "relation" not in row

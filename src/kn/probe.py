@@ -164,6 +164,14 @@ def train_template_ids(
     return {rel: [t for t in range(len(tpls)) if t not in set(heldout.get(rel, ()))] for rel, tpls in templates.items()}
 
 
+COUNT_COLUMNS = ("facts", "skipped_facts", "train_prompts", "heldout_prompts", "xrel_prompts")
+
+
+def overall_row(table: pd.DataFrame) -> dict[str, float]:
+    """One summary row: counts summed, rates averaged over relations unweighted (as the paper averages relations)."""
+    return {col: table[col].sum() if col in COUNT_COLUMNS else table[col].mean() for col in table.columns if col != "relation"}
+
+
 def relation_use(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

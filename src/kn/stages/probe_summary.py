@@ -13,7 +13,7 @@ from kn.data.pararel import load_relations, read_query_pairs, select_relations
 from kn.io import atomic_path, provenance, read_parquet, write_text
 from kn.models.load import load_masked_lm, model_location, resolve_device
 from kn.models.training import read_heldout_templates
-from kn.probe import accuracy_summary, relation_use, train_template_ids
+from kn.probe import accuracy_summary, overall_row, relation_use, train_template_ids
 from kn.stages.cli import StageArgs, run_stage
 
 log = logging.getLogger("kn.probe_summary")
@@ -82,10 +82,7 @@ def main(args: StageArgs) -> None:
     use = relation_use(model, tokenizer, facts[["relation", "fact_id", "subject", "object"]], templates, train_templates,
                        objects, int(cfg.seed))
     table = table.merge(use, on="relation", how="left")
-    counts = ("facts", "skipped_facts", "train_prompts", "heldout_prompts", "xrel_prompts")
-    # last row: counts summed, rates averaged over relations unweighted (as the paper averages relations)
-    mean_row = {col: table[col].sum() if col in counts else table[col].mean() for col in table.columns if col != "relation"}
-    mean_row["relation"] = "mean"
+    mean_row = {"relation": "mean", **overall_row(table)}
     table = pd.concat([table, pd.DataFrame([mean_row])], ignore_index=True)
 
     with atomic_path(args.output("csv")) as tmp:

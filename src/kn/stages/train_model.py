@@ -19,7 +19,7 @@ from kn.config import to_container
 from kn.data.pararel import build_bags, load_relations, read_query_pairs
 from kn.io import atomic_dir, atomic_path, provenance, write_json, write_text
 from kn.models.training import TRAINING_RECORD, TrainedOrganism, parameter_count, running_mean, train_organism
-from kn.probe import accuracy_summary, probe_relation, relation_use, train_template_ids
+from kn.probe import accuracy_summary, overall_row, probe_relation, relation_use, train_template_ids
 from kn.schema import TrainConfig
 from kn.stages.cli import StageArgs, run_stage
 
@@ -121,9 +121,12 @@ def model_card(cfg, organism: TrainedOrganism, table: pd.DataFrame, overall: dic
         "",
         "## What it knows",
         "",
-        f"- Top-1 accuracy on training-template prompts: **{_pct(overall['train_accuracy'])}**; on held-out "
-        f"templates: **{_pct(overall['heldout_accuracy'])}**; majority-object baseline: {_pct(overall['majority_baseline'])} "
-        "(means over relations, unweighted).",
+        f"- Top-1 accuracy on training-template prompts: **{_pct(overall['train_accuracy'])}** (mean over "
+        f"{data['relations']} relations, unweighted; {_pct(overall['train_accuracy_pooled'])} pooled over prompts); "
+        f"majority-object baseline {_pct(overall['majority_baseline'])}.",
+        f"- On held-out templates: **{_pct(overall['heldout_accuracy'])}** (mean over the "
+        f"{int((table['heldout_prompts'] > 0).sum())} relations with one; {_pct(overall['heldout_accuracy_pooled'])} pooled); "
+        f"majority-object baseline over the same relations {_pct(overall['majority_baseline_heldout_relations'])}.",
         f"- Mean gold probability: {overall['train_gold_prob']:.3f} (training templates), "
         f"{overall['heldout_gold_prob']:.3f} (held-out templates).",
         f"- Relation use: with a subject put into another relation's templates, the model answers the subject's own "
@@ -158,7 +161,12 @@ def main(args: StageArgs) -> None:
     log.info("training on %d facts of %d relations (%d prompts)", len(facts), facts["relation"].nunique(), len(prompts))
     organism = train_organism(prompts, vocabulary_objects, recipe)
     table = evaluate_organism(organism, prompts, resources, int(cfg.seed))
-    overall = {col: float(table[col].mean()) for col in table.columns if col not in ("relation",)}
+    overall = {key: float(value) for key, value in overall_row(table).items()}
+    with_heldout = table["heldout_prompts"] > 0
+    overall["majority_baseline_heldout_relations"] = float(table.loc[with_heldout, "majority_baseline"].mean())
+    for split in ("train", "heldout"):  # prompt-weighted, next to the unweighted relation means
+        weights = table[f"{split}_prompts"]
+        overall[f"{split}_accuracy_pooled"] = float((table[f"{split}_accuracy"].fillna(0) * weights).sum() / weights.sum())
     data = {
         "relations": int(facts["relation"].nunique()),
         "facts": len(facts),
