@@ -15,7 +15,10 @@ rule attribute:
         log_path(f"{MODEL}/attributions/{{relation}}/{{shard}}"),
     benchmark:
         bench_path(f"{MODEL}/attributions/{{relation}}/{{shard}}")
-    threads: 2  # scaled down to --cores locally; workflow.cores is unset (an error) on cluster executors
+    # One thread per job: shards are independent, so Snakemake fills the cores with parallel jobs.
+    # On the shared 2-core machine (load 4-8) a 2-thread job took 1.6-7x the wall and CPU time of
+    # a 1-thread job on the same shard (OpenMP threads spin while the other one is descheduled).
+    threads: 1
     resources:
         # the trained organism is small; a pretrained BERT-base/large with batch 64 needs a few GB
         mem_mb=2000 if CFG.model.source == "trained" else 8000,
