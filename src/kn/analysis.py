@@ -12,15 +12,15 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from kn.paper_numbers import paper_status, paper_values
 
 Neuron = tuple[int, int]
 FactSets = Sequence[frozenset[Neuron]]
 
 # SPEC §12: the paper's statistics, with their source markers ([2nd] summaries, [mem] recollection).
 PAPER = {
-    "avg_kn_per_fact": {"ig": 4.13, "base": 3.96, "source": "ours [2nd]; baseline [mem]"},
-    "intra_shared": {"ig": 1.23, "base": 2.85, "source": "ours [2nd]; baseline [mem]"},
-    "inter_shared": {"ig": 0.09, "base": 1.92, "source": "ours [2nd]; baseline [mem]"},
+    metric: {**paper_values(key), "source": paper_status(key)}
+    for metric, key in (("avg_kn_per_fact", "avg_kn"), ("intra_shared", "intra_shared"), ("inter_shared", "inter_shared"))
 }
 
 

@@ -24,13 +24,14 @@ from tqdm import tqdm
 
 from kn.hooks import ffn_hooks
 from kn.models.encoding import EncodedPrompts
+from kn.paper_numbers import paper_values
 
 log = logging.getLogger("kn.interventions")
 
 Neuron = tuple[int, int]
 
 # SPEC §12 ([2nd]): unweighted mean over the 34 relations of the per-relation own-prompt ratios.
-PAPER = {"suppress_own": {"ig": -0.2903, "base": -0.0147}, "amplify_own": {"ig": 0.3117, "base": -0.0127}}
+PAPER = {"suppress_own": paper_values("suppress"), "amplify_own": paper_values("amplify")}
 
 
 @dataclass(frozen=True)

@@ -48,3 +48,15 @@ PAPER_NUMBERS: tuple[PaperNumber, ...] = (
     PaperNumber("erase_others", "Erase: other relations' PPL", "120.1–143.6 → 121.6–151.9 (+1.1% to +10.1%)", "–",
                 "[2nd] (ranges only)", {"before_low": 120.1, "before_high": 143.6, "after_low": 121.6, "after_high": 151.9}),
 )  # fmt: skip
+
+
+def paper_values(key: str) -> dict[str, float]:
+    """The machine-readable values of one SPEC §12 row (stages print these beside ours)."""
+    for number in PAPER_NUMBERS:
+        if number.key == key:
+            return dict(number.values)
+    raise KeyError(f"no paper number {key!r}; known: {[n.key for n in PAPER_NUMBERS]}")
+
+
+def paper_status(key: str) -> str:
+    return next(n.status for n in PAPER_NUMBERS if n.key == key)

@@ -18,11 +18,14 @@ from kn.editing import erase_relation, score_facts, top_frequent_neurons
 from kn.io import provenance, write_text
 from kn.stages.cli import StageArgs, run_stage
 from kn.stages.edit_update import load_scorer, load_study
+from kn.paper_numbers import paper_values
 
 log = logging.getLogger("kn.edit_erase")
 
 # SPEC §12: PPL before -> after on the erased relation ([2nd] / [mem]).
-PAPER_ERASE_PPL = {"P19": (1450.0, 2996.0), "P106": (2279.0, 5202.0), "P27": (28.0, 38.3), "P937": (58.0, 140.0)}
+PAPER_ERASE_PPL = {
+    rel: (paper_values(f"erase:{rel}")["before"], paper_values(f"erase:{rel}")["after"]) for rel in ("P19", "P106", "P27", "P937")
+}
 
 ERASE_COLUMNS = [
     "relation", "value", "n_neurons", "neurons", "prompts", "other_prompts",

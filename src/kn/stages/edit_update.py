@@ -34,6 +34,7 @@ from kn.editing import (
 from kn.io import provenance, read_parquet, write_parquet, write_text
 from kn.models import load_masked_lm, model_location, num_ffn_layers, object_token_id, resolve_device, value_projections
 from kn.stages.cli import StageArgs, run_stage
+from kn.paper_numbers import paper_values
 
 log = logging.getLogger("kn.edit_update")
 
@@ -52,9 +53,12 @@ UPDATE_SCHEMA = pa.schema(
 )  # fmt: skip
 
 # The paper's numbers (SPEC §12, [2nd]) printed beside ours.
+_RATES, _PPL = paper_values("update_rates"), paper_values("update_ppl")
 PAPER_UPDATE = {
-    "kn": {"change_rate": 0.485, "success_rate": 0.344, "ppl_intra_delta": 8.4, "ppl_inter_delta": 7.2},
-    "random": {"change_rate": 0.047, "success_rate": 0.0, "ppl_inter_delta": 4.3},
+    "kn": {"change_rate": _RATES["change_rate"], "success_rate": _RATES["success_rate"],
+           "ppl_intra_delta": _PPL["ppl_intra_delta"], "ppl_inter_delta": _PPL["ppl_inter_delta"]},
+    "random": {"change_rate": _RATES["random_change_rate"], "success_rate": _RATES["random_success_rate"],
+               "ppl_inter_delta": _PPL["random_ppl_inter_delta"]},
 }
 
 
