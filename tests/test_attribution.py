@@ -79,15 +79,6 @@ def relative_error(fast: torch.Tensor, reference: torch.Tensor) -> float:
     return float(((fast - reference).abs().amax(-1) / reference.abs().amax(-1)).max())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine is shared: one intra-op thread keeps these tests from oversubscribing it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def bert() -> nn.Module:
     return tiny("bert")
