@@ -28,8 +28,8 @@ if SWEEP_VARIANTS:
         conda:
             CONDA_ENV
         shell:
-            "(snakemake --snakefile {params.snakefile} --cores {threads} --config {params.config} "
-            "{params.targets} && python -m kn.stages.sweep_collect --in variant_dir={params.variant_dir} "
+            "(snakemake --snakefile {params.snakefile} --cores {threads} {params.targets} "
+            "--config {params.config} && python -m kn.stages.sweep_collect --in variant_dir={params.variant_dir} "
             "--out record={output} {params.overrides}) > {log} 2>&1"
 
     rule sweep_summary:
