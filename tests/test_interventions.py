@@ -116,8 +116,11 @@ def test_layer_matched_random_control() -> None:
     assert [l for l, _ in drawn] == [l for l, _ in reference]
     assert len(set(drawn)) == len(drawn) and not set(drawn) & set(reference)
     assert drawn == layer_matched_random(reference, 10, np.random.default_rng(7))
-    with pytest.raises(ValueError, match="layer 0"):
-        layer_matched_random([(0, 0), (0, 1)], 2, np.random.default_rng(0))
+    # layer 0 has 3 units: the third reference neuron of layer 0 finds none free, so the
+    # control stops at the layer-matched prefix instead of failing the evaluation
+    short = layer_matched_random([(1, 0), (0, 0), (0, 1), (1, 1)], 3, np.random.default_rng(0))
+    assert [l for l, _ in short] == [1, 0]
+    assert not set(short) & {(1, 0), (0, 0), (0, 1), (1, 1)}
 
 
 def test_rank_by_attribution_sums_max_normalised_scores() -> None:

@@ -160,13 +160,16 @@ def layer_matched_random(reference: Sequence[Neuron], n_units: int, rng: np.rand
     Draws are without replacement and never hit a neuron of ``reference`` itself, so
     the control has the same size and layer profile but no overlap. Prefixes of the
     result are layer-matched to prefixes of ``reference`` (used for the dose curve).
+    When a layer has no unit left (a narrow FFN with a long reference, e.g. a dose of
+    300 in a 128-unit layer) the control stops there: it returns the layer-matched prefix,
+    and callers record how many neurons were actually scaled (``n_neurons``).
     """
     taken = set(reference)
     out: list[Neuron] = []
     for layer, _ in reference:
         free = n_units - sum(1 for (l, _u) in taken if l == layer)
         if free <= 0:
-            raise ValueError(f"layer {layer} has no neuron left to draw for the random control ({n_units} units)")
+            break
         while True:
             candidate = (int(layer), int(rng.integers(n_units)))
             if candidate not in taken:
