@@ -42,6 +42,12 @@ def stage_args(*sections):
     return " ".join(shlex.quote(o) for o in flatten_overrides(CFG, sections))
 
 
+def user_overrides():
+    """The command line's own overrides, quoted: for stages that read config groups whose keys
+    an experiment adds (sweep.variants), which flattened key=value overrides cannot create."""
+    return " ".join(shlex.quote(o) for o in OVERRIDES)
+
+
 def study_facts(relation):
     """Number of facts of ``relation`` that attribution and later stages study."""
     n = FACT_COUNTS[relation]

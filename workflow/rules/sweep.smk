@@ -17,7 +17,7 @@ if SWEEP_VARIANTS:
             snakefile=workflow.main_snakefile,
             targets=lambda wc: " ".join(variant_targets(wc.variant)),
             variant_dir=lambda wc: f"{RESULTS}/sweep/{wc.variant}",
-            overrides=stage_args("seed", "results_dir", "data", "model", "sweep"),
+            overrides=user_overrides(),
         log:
             log_path("sweep/{variant}"),
         benchmark:
@@ -43,7 +43,7 @@ if SWEEP_VARIANTS:
             pdf=f"{RESULTS}/sweep/effects.pdf",
         params:
             records=lambda wc, input: " ".join(f"--in record:{Path(p).stem}={p}" for p in input),
-            overrides=stage_args("seed", "results_dir", "data", "model", "sweep"),
+            overrides=user_overrides(),
         log:
             log_path("sweep/summary"),
         benchmark:
