@@ -54,12 +54,7 @@ def score_prompts(
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="probe", unit="batch", disable=not progress, mininterval=5.0):
         rows = order[start : start + batch_size]
-        width = max(len(encoded.input_ids[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, : len(encoded.input_ids[i])] = torch.tensor(encoded.input_ids[i])
-            attention[r, : len(encoded.input_ids[i])] = 1
+        ids, attention = encoded.padded(pad_id, rows=rows)
         positions = torch.tensor([encoded.mask_positions[i] for i in rows], device=device)
         logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
         at_mask = logits[torch.arange(len(rows), device=device), positions].float()

@@ -21,12 +21,15 @@ class EncodedPrompts:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def padded(self, pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-pad to the longest prompt: (input_ids [B, T], attention_mask [B, T])."""
-        width = max(len(ids) for ids in self.input_ids)
-        ids = torch.full((len(self.input_ids), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(self.input_ids), width), dtype=torch.long)
-        for row, seq in enumerate(self.input_ids):
+    def padded(
+        self, pad_id: int, device: torch.device | str = "cpu", rows: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad the prompts ``rows`` (default all, in order) to their longest: (input_ids, attention_mask)."""
+        seqs = self.input_ids if rows is None else [self.input_ids[k] for k in rows]
+        width = max(len(ids) for ids in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
             ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = 1
         return ids.to(device), mask.to(device)
