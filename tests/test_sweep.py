@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
-from kn.sweep import collect_variant, neuron_jaccard, variant_overrides
+from kn.sweep import (
+    chance_jaccard,
+    collect_variant,
+    effect_holds,
+    factor_axes,
+    neuron_jaccard,
+    seed_stability,
+    spearman,
+    variant_overrides,
+)
 
 
 def _neurons(rows):
@@ -68,6 +79,9 @@ def test_collect_variant_reads_the_run_files(tmp_path):
         ("mean", "ig", "suppress_own", "with_kn", -0.5, -0.6, -0.4, 1),
     ], columns=["relation", "method", "metric", "variant", "ratio", "ci_low", "ci_high", "n_facts"])
     summary.to_csv(model_dir / "evaluate" / "summary.csv", index=False)
+    (tmp_path / "benchmarks" / "train").mkdir(parents=True)
+    pd.DataFrame({"s": [10.5], "max_rss": [1.0]}).to_csv(tmp_path / "benchmarks" / "train" / "model.tsv", sep="\t", index=False)
+    pd.DataFrame({"s": [2.0], "max_rss": [1.0]}).to_csv(tmp_path / "benchmarks" / "ig.tsv", sep="\t", index=False)
 
     record = collect_variant(model_dir, ["P1"])
     assert record["mean_gold_prob"] == pytest.approx(0.4)
@@ -78,3 +92,81 @@ def test_collect_variant_reads_the_run_files(tmp_path):
     assert record["base_relations_off_target"] == 1
     assert record["ig_mean_layer"] == pytest.approx(0.25 * 1 + 0.75 * 2)
     assert record["ig_top_layer_share"] == 0.75 and not math.isnan(record["heldout_accuracy"])
+    assert record["ig_layer_share"] == [0.25, 0.75]
+    assert record["job_seconds"] == pytest.approx(12.5)
+
+
+def test_collect_variant_without_benchmarks_names_the_folder(tmp_path):
+    from kn.sweep import job_seconds
+
+    with pytest.raises(FileNotFoundError, match="no benchmark"):
+        job_seconds(tmp_path / "benchmarks")
+
+
+def _enumerated_chance_jaccard(n_a, n_b, n_units):
+    """Reference: average Jaccard over every pair of subsets of the given sizes."""
+    units = range(n_units)
+    values = [
+        len(set(a) & set(b)) / len(set(a) | set(b))
+        for a in itertools.combinations(units, n_a)
+        for b in itertools.combinations(units, n_b)
+    ]
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("n_a,n_b,n_units", [(1, 1, 3), (2, 3, 6), (3, 3, 5), (0, 2, 4), (4, 4, 4)])
+def test_chance_jaccard_equals_enumeration(n_a, n_b, n_units):
+    assert chance_jaccard(n_a, n_b, n_units) == pytest.approx(_enumerated_chance_jaccard(n_a, n_b, n_units))
+
+
+def test_chance_jaccard_rejects_impossible_sizes():
+    with pytest.raises(ValueError, match="both sets are empty"):
+        chance_jaccard(0, 0, 10)
+    with pytest.raises(ValueError, match=r"\[0, 3\]"):
+        chance_jaccard(4, 1, 3)
+
+
+def test_spearman_is_pearson_on_ranks():
+    a = pd.Series([1, 2, 3, 4, 5])
+    assert spearman(a, pd.Series([10, 20, 30, 40, 50])) == pytest.approx(1.0)
+    assert spearman(a, pd.Series([5, 4, 3, 2, 1])) == pytest.approx(-1.0)
+    # ties: ranks of [1, 1, 2] are [1.5, 1.5, 3]
+    expected = pd.Series([1.0, 2.0, 3.0]).corr(pd.Series([1.5, 1.5, 3.0]))
+    assert spearman(pd.Series([1, 2, 3]), pd.Series([1, 1, 2])) == pytest.approx(expected)
+    assert math.isnan(spearman(pd.Series([1, 2]), pd.Series([1, 2])))
+    assert math.isnan(spearman(a, pd.Series([7] * 5)))
+
+
+def test_seed_stability_compares_against_random_sets():
+    a = _neurons([("P1", "ig", 0, 0, 1, 0), ("P1", "ig", 0, 0, 2, 1), ("P1", "ig", 1, 1, 3, 0)])
+    b = _neurons([("P1", "ig", 0, 0, 2, 0), ("P1", "ig", 1, 1, 4, 0), ("P1", "ig", 2, 0, 0, 0)])
+    per_fact = neuron_jaccard(a, b)
+    out = seed_stability(per_fact, n_units=10)
+    assert out["facts"] == 3 and out["facts_with_kn_in_both"] == 2
+    assert out["mean_jaccard"] == pytest.approx((0.5 + 0.0 + 0.0) / 3)
+    assert out["facts_sharing_a_neuron"] == 1 and out["facts_identical"] == 0
+    expected_chance = (chance_jaccard(2, 1, 10) + chance_jaccard(1, 1, 10) + chance_jaccard(0, 1, 10)) / 3
+    assert out["chance_jaccard"] == pytest.approx(expected_chance)
+    assert seed_stability(per_fact.iloc[:0], n_units=10) == {"facts": 0}
+
+
+def test_effect_holds_needs_both_intervals_clear_of_zero():
+    good = {"suppress_own_ig_ci_high": -0.01, "amplify_own_ig_ci_low": 0.02}
+    assert effect_holds(good)
+    assert not effect_holds({**good, "suppress_own_ig_ci_high": 0.001})
+    assert not effect_holds({**good, "amplify_own_ig_ci_low": -0.001})
+    assert not effect_holds({"suppress_own_ig_ci_high": -0.01})  # amplification not measured
+
+
+def test_factor_axes_place_the_baseline_at_its_own_value():
+    cfg = OmegaConf.create({"model": {"train": {"intermediate_size": 1024, "target_accuracy": 0.93}}})
+    variants = {
+        "baseline": {"factor": "baseline", "value": "default", "overrides": []},
+        "ffn4096": {"factor": "ffn_width", "value": 4096, "overrides": ["model.train.intermediate_size=4096"]},
+        "ffn512": {"factor": "ffn_width", "value": 512, "overrides": ["model.train.intermediate_size=512"]},
+        "converged": {"factor": "training_length", "value": "converged", "overrides": ["model.train.target_accuracy=null"]},
+        "short": {"factor": "training_length", "value": 0.7, "overrides": ["model.train.target_accuracy=0.7"]},
+    }
+    axes = factor_axes(variants, "baseline", cfg)
+    assert axes["ffn_width"] == [("ffn512", "512"), ("baseline", "1024\n(baseline)"), ("ffn4096", "4096")]
+    assert axes["training_length"] == [("short", "0.7"), ("baseline", "0.93\n(baseline)"), ("converged", "converged")]

@@ -138,6 +138,7 @@ class SweepConfig:
 
     baseline: str = "baseline"
     only: Optional[list[str]] = None
+    cores_per_variant: int = 1
     variants: dict[str, Any] = field(default_factory=dict)
 
 
@@ -195,7 +196,7 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value < 1:
             raise ConfigError(f"config key {key!r} = {value} selects no facts; expected a positive number or null (all)")
-    for key in ("ig.facts_per_shard", "ig.batch_size"):
+    for key in ("ig.facts_per_shard", "ig.batch_size", "sweep.cores_per_variant"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"config key {key!r} = {OmegaConf.select(cfg, key)}; expected >= 1")
     for key, allowed in _CHOICES.items():

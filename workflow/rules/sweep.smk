@@ -22,9 +22,9 @@ if SWEEP_VARIANTS:
             log_path("sweep/{variant}"),
         benchmark:
             bench_path("sweep/{variant}")
-        threads: 2
+        threads: CFG.sweep.cores_per_variant
         resources:
-            mem_mb=6000,
+            mem_mb=4000 * CFG.sweep.cores_per_variant,
         conda:
             CONDA_ENV
         shell:

@@ -14,44 +14,65 @@ import pandas as pd  # noqa: E402
 
 from kn.io import atomic_path, provenance, read_parquet, write_json, write_text  # noqa: E402
 from kn.stages.cli import StageArgs, run_stage  # noqa: E402
-from kn.sweep import METHODS, neuron_jaccard  # noqa: E402
+from kn.sweep import METHODS, effect_holds, factor_axes, neuron_jaccard, seed_stability  # noqa: E402
 
 log = logging.getLogger("kn.sweep")
 
 COLUMNS = [
     "variant", "factor", "value", "train_accuracy", "heldout_accuracy", "mean_gold_prob", "train_steps",
-    "train_seconds", "ig_avg_kn", "base_avg_kn", "ig_p_mean", "ig_relations_off_target", "ig_mean_layer",
+    "train_seconds", "job_seconds", "ig_avg_kn", "base_avg_kn", "ig_facts_without_kn", "ig_p_mean",
+    "ig_relations_off_target", "ig_mean_layer", "ig_top_layer_share",
     "suppress_own_ig", "suppress_own_ig_ci_low", "suppress_own_ig_ci_high", "suppress_own_base",
     "suppress_own_random", "amplify_own_ig", "amplify_own_ig_ci_low", "amplify_own_ig_ci_high",
-    "amplify_own_base", "amplify_own_random",
+    "amplify_own_base", "amplify_own_random", "effect_holds",
 ]
 
 
-def effect_figure(table: pd.DataFrame, baseline: str, path_png: Path, path_pdf: Path) -> None:
-    """One panel per factor: suppress/amplify ratios (IG with 95% CI, base, random) per value."""
-    factors = [f for f in dict.fromkeys(table["factor"]) if f != "baseline"]
-    fig, axes = plt.subplots(1, max(1, len(factors)), figsize=(4.2 * max(1, len(factors)), 4), squeeze=False)
-    base_row = table[table["variant"] == baseline]
-    for ax, factor in zip(axes[0], factors):
-        rows = pd.concat([base_row, table[table["factor"] == factor]])
-        labels = [f"{v}\n(default)" if n == baseline else str(v) for n, v in zip(rows["variant"], rows["value"])]
+def _plot_effects(ax, rows: pd.DataFrame) -> None:
+    x = range(len(rows))
+    for metric, marker in (("suppress_own", "v"), ("amplify_own", "^")):
+        for method, colour in zip(METHODS, ("tab:blue", "tab:orange", "tab:gray")):
+            col = f"{metric}_{method}"
+            if col not in rows:
+                continue
+            yerr = None
+            if method == "ig":
+                yerr = [rows[col] - rows[f"{col}_ci_low"], rows[f"{col}_ci_high"] - rows[col]]
+            ax.errorbar(x, rows[col], yerr=yerr, marker=marker, color=colour, linestyle="-" if method == "ig" else ":",
+                        capsize=3, label=f"{metric.split('_')[0]} {method}")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_ylabel("correct-probability change ratio")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+
+
+def effect_figure(table: pd.DataFrame, axes_spec: dict[str, list[tuple[str, str]]], path_png: Path,
+                  path_pdf: Path) -> None:
+    """Per factor: suppress/amplify ratios (IG with 95% CI, base, random; top) and knowledge
+    neurons per fact (bottom), against the factor's values with the baseline in place."""
+    present = set(table["variant"])  # a factor whose variants were not run (sweep.only) gets no panel
+    factors = [f for f in axes_spec if sum(n in present for n, _ in axes_spec[f]) >= 2]
+    ncols = max(1, len(factors))
+    fig, axes = plt.subplots(2, ncols, figsize=(3.6 * ncols, 6.4), squeeze=False, sharey="row",
+                             gridspec_kw={"height_ratios": [2, 1]})
+    indexed = table.set_index("variant")
+    for col, factor in enumerate(factors):
+        points = [(n, label) for n, label in axes_spec[factor] if n in indexed.index]
+        rows = indexed.loc[[n for n, _ in points]]
+        top, bottom = axes[0][col], axes[1][col]
+        _plot_effects(top, rows)
+        top.set_title(f"varied: {factor}")
         x = range(len(rows))
-        for metric, marker in (("suppress_own", "v"), ("amplify_own", "^")):
-            for method, colour in zip(METHODS, ("tab:blue", "tab:orange", "tab:gray")):
-                col = f"{metric}_{method}"
-                if col not in rows:
-                    continue
-                yerr = None
-                if method == "ig":
-                    yerr = [rows[col] - rows[f"{col}_ci_low"], rows[f"{col}_ci_high"] - rows[col]]
-                ax.errorbar(x, rows[col], yerr=yerr, marker=marker, color=colour, linestyle="-" if method == "ig" else ":",
-                            capsize=3, label=f"{metric.split('_')[0]} {method}")
-        ax.axhline(0, color="black", linewidth=0.6)
-        ax.set_xticks(list(x), labels)
-        ax.set_title(f"varied: {factor}")
-        ax.set_ylabel("correct-probability change ratio")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        for method, colour in (("ig", "tab:blue"), ("base", "tab:orange")):
+            bottom.plot(x, rows[f"{method}_avg_kn"], marker="o", color=colour, label=f"{method}")
+        bottom.axhspan(2, 5, color="tab:green", alpha=0.12, label="[2, 5] target")
+        bottom.set_ylabel("knowledge neurons / fact")
+        for ax in (top, bottom):
+            ax.set_xticks(list(x), [label for _, label in points], fontsize=8)
+        if col:
+            top.set_ylabel("")
+            bottom.set_ylabel("")
     axes[0][0].legend(fontsize=7)
+    axes[1][0].legend(fontsize=7)
     fig.tight_layout()
     for path in (path_png, path_pdf):
         with atomic_path(path) as tmp:
@@ -59,44 +80,70 @@ def effect_figure(table: pd.DataFrame, baseline: str, path_png: Path, path_pdf: 
     plt.close(fig)
 
 
+def layer_table(records: list[dict]) -> pd.DataFrame:
+    """Share of IG knowledge neurons per layer (L1 = bottom), one row per variant."""
+    rows = {r["variant"]: r.get("ig_layer_share", []) for r in records}
+    width = max((len(v) for v in rows.values()), default=0)
+    return pd.DataFrame.from_dict(
+        {k: list(v) + [float("nan")] * (width - len(v)) for k, v in rows.items()},
+        orient="index", columns=[f"L{i + 1}" for i in range(width)],
+    ).rename_axis("variant")
+
+
 def main(args: StageArgs) -> None:
     cfg = args.cfg
-    records = [json.loads(path.read_text()) for name, path in sorted(args.inputs.items()) if name.startswith("record:")]
-    table = pd.DataFrame(records)
-    table = table[[c for c in COLUMNS if c in table.columns]]
     variants = cfg.sweep.variants
-    seeds = [name for name, spec in variants.items() if spec["factor"] == "seed"]
+    records = [json.loads(path.read_text()) for name, path in sorted(args.inputs.items()) if name.startswith("record:")]
+    for record in records:  # labels come from the current config, so relabelling needs no rerun
+        spec = variants[record["variant"]]
+        record["factor"], record["value"] = str(spec["factor"]), str(spec["value"])
+        record["effect_holds"] = effect_holds(record)
+    order = {name: i for i, name in enumerate(variants)}
+    records.sort(key=lambda r: order[r["variant"]])
+    table = pd.DataFrame(records)
+    layers = layer_table(records)
+    table = table[[c for c in COLUMNS if c in table.columns]].merge(
+        layers.add_prefix("ig_layer_share_"), left_on="variant", right_index=True, how="left")
+    seeds = [name for name, spec in variants.items() if spec["factor"] == "seed" and name in set(table["variant"])]
     stability: dict = {}
-    if seeds and cfg.sweep.baseline in variants:
+    if seeds and cfg.sweep.baseline in set(table["variant"]):
         model = str(cfg.model.name)
         root = Path(cfg.results_dir)
+        n_units = int(cfg.model.train.num_layers) * int(cfg.model.train.intermediate_size)
         for other in seeds:
             frames = []
             for name in (cfg.sweep.baseline, other):
                 paths = sorted((root / "sweep" / name / model / "neurons").glob("*.parquet"))
                 frames.append(pd.concat([read_parquet(p) for p in paths], ignore_index=True))
-            per_fact = neuron_jaccard(*frames, method="ig")
-            stability[other] = {
-                "facts": int(len(per_fact)),
-                "mean_jaccard": float(per_fact["jaccard"].mean()),
-                "median_jaccard": float(per_fact["jaccard"].median()),
-                "facts_identical": int((per_fact["jaccard"] == 1.0).sum()),
-            }
+            stability[other] = seed_stability(neuron_jaccard(*frames, method="ig"), n_units)
     write_text(args.output("csv"), table.to_csv(index=False))
     md = ["# Model-organism sweep (issue 9)", "",
-          f"Baseline variant: `{cfg.sweep.baseline}`; each other variant changes one factor. Ratios are the",
-          "unweighted mean over relations of the ratio of averages (SPEC §5); IG 95% CIs are bootstrap over facts.", ""]
-    md.append(table.to_markdown(index=False, floatfmt=".4g"))
+          f"Baseline variant: `{cfg.sweep.baseline}`; each other variant changes one factor of the default recipe. "
+          "Ratios are the unweighted mean over relations of the ratio of averages (SPEC §5); IG 95% CIs are "
+          "bootstrap over facts. `effect_holds`: suppression CI below 0 and amplification CI above 0. "
+          "`job_seconds`: summed wall time of the variant's jobs (training included).", ""]
+    md.append(table.drop(columns=[c for c in table.columns if c.startswith("ig_layer_share_")])
+              .to_markdown(index=False, floatfmt=".4g"))
+    md += ["", "## Layer distribution of IG knowledge neurons (share per layer, L1 = bottom)", "",
+           layers.to_markdown(floatfmt=".3f")]
     if stability:
-        md += ["", "## Neuron-set stability across seeds (IG, Jaccard per fact)", ""]
+        md += ["", "## Neuron-set stability across seeds (IG, Jaccard per fact)", "",
+               "Independently initialised models share no unit identity (hidden units are permutation-symmetric), "
+               "so the yardstick is the Jaccard two random sets of the same sizes would have.", ""]
         for name, s in stability.items():
-            md.append(f"- `{cfg.sweep.baseline}` vs `{name}`: mean Jaccard {s['mean_jaccard']:.3f}, median "
-                      f"{s['median_jaccard']:.3f} over {s['facts']} facts with neurons in either run; "
-                      f"{s['facts_identical']} identical sets")
+            if not s["facts"]:
+                md.append(f"- `{cfg.sweep.baseline}` vs `{name}`: no fact has neurons in either run")
+                continue
+            md.append(f"- `{cfg.sweep.baseline}` vs `{name}`: mean Jaccard {s['mean_jaccard']:.4f} (random sets: "
+                      f"{s['chance_jaccard']:.4f}), median {s['median_jaccard']:.3f} over {s['facts']} facts with neurons "
+                      f"in either run ({s['facts_with_kn_in_both']} in both); {s['facts_sharing_a_neuron']} share at "
+                      f"least one neuron, {s['facts_identical']} identical; Spearman of per-fact neuron counts "
+                      f"{s['kn_count_spearman']:.2f}")
     write_text(args.output("markdown"), "\n".join(md) + "\n")
     write_json(args.output("json"), {"variants": records, "seed_stability": stability,
                                      "provenance": provenance(cfg, "sweep_summary")})
-    effect_figure(table, cfg.sweep.baseline, args.output("figure_png"), args.output("figure_pdf"))
+    effect_figure(table, factor_axes(variants, cfg.sweep.baseline, cfg), args.output("figure_png"),
+                  args.output("figure_pdf"))
     log.info("sweep table over %d variants written", len(table))
 
 

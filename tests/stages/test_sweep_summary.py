@@ -1,0 +1,61 @@
+"""The sweep_summary stage on hand-built variant records and neuron tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kn.stages import sweep_summary
+from kn.stages.cli import run_stage
+from kn.sweep import chance_jaccard
+
+
+
+def _record(name: str, suppress: float, ci_high: float) -> dict:
+    record = {"variant": name, "factor": "stale", "value": "stale", "train_accuracy": 0.9, "ig_avg_kn": 3.0,
+              "base_avg_kn": 4.0, "ig_layer_share": [0.25, 0.75]}
+    for method in ("ig", "base", "random"):
+        for metric, sign in (("suppress_own", -1), ("amplify_own", 1)):
+            record[f"{metric}_{method}"] = sign * abs(suppress) if method == "ig" else 0.0
+    record.update({"suppress_own_ig_ci_low": suppress - 0.01, "suppress_own_ig_ci_high": ci_high,
+                   "amplify_own_ig_ci_low": 0.01, "amplify_own_ig_ci_high": 0.05})
+    return record
+
+
+def _neurons(path: Path, rows: list[tuple]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["relation", "method", "fact_id", "layer", "neuron", "order"]).to_parquet(path)
+
+
+def test_sweep_summary_table_figure_and_seed_stability(tmp_path):
+    records = {"baseline": _record("baseline", -0.03, -0.01), "ffn512": _record("ffn512", -0.02, 0.004),
+               "seed1": _record("seed1", -0.04, -0.02)}
+    inputs = []
+    for name, record in records.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+        inputs.append(f"--in=record:{name}={tmp_path / name}.json")
+    model = tmp_path / "sweep" / "{}" / "kn-tiny" / "neurons" / "P1.parquet"
+    _neurons(Path(str(model).format("baseline")), [("P1", "ig", 0, 0, 1, 0), ("P1", "ig", 0, 1, 2, 1), ("P1", "ig", 1, 0, 5, 0)])
+    _neurons(Path(str(model).format("seed1")), [("P1", "ig", 0, 1, 2, 0), ("P1", "ig", 1, 1, 7, 0)])
+    out = tmp_path / "out"
+    run_stage(sweep_summary.main, "sweep_summary", [
+        *inputs, f"--out=csv={out}/sweep.csv", f"--out=markdown={out}/sweep.md", f"--out=json={out}/sweep.json",
+        f"--out=figure_png={out}/effects.png", f"--out=figure_pdf={out}/effects.pdf",
+        "experiment=organism-sweep", f"results_dir={tmp_path}", "sweep.only=[baseline,ffn512,seed1]",
+        "model.train.num_layers=2", "model.train.intermediate_size=4",
+    ])  # fmt: skip
+
+    table = pd.read_csv(out / "sweep.csv")
+    assert table["variant"].tolist() == ["baseline", "ffn512", "seed1"]  # config order
+    assert table["factor"].tolist() == ["baseline", "ffn_width", "seed"]  # labels from the config, not the record
+    assert table["effect_holds"].tolist() == [True, False, True]  # ffn512's suppression CI reaches above 0
+    assert table["ig_layer_share_L2"].tolist() == [0.75] * 3
+    stability = json.loads((out / "sweep.json").read_text())["seed_stability"]["seed1"]
+    assert stability["facts"] == 2 and stability["mean_jaccard"] == pytest.approx((1 / 2 + 0) / 2)
+    assert stability["chance_jaccard"] == pytest.approx((chance_jaccard(2, 1, 8) + chance_jaccard(1, 1, 8)) / 2)
+    md = (out / "sweep.md").read_text()
+    assert "mean Jaccard 0.2500" in md and "L2" in md
+    assert (out / "effects.png").stat().st_size > 10_000 and (out / "effects.pdf").exists()
