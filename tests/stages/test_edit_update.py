@@ -116,5 +116,5 @@ def test_update_stage_is_deterministic(study, tmp_path):
 
 def test_update_stage_rejects_mismatched_inputs(study, tmp_path):
     argv = [*study["inputs"][:2], "--out", f"update={tmp_path / 'u.parquet'}", *study["overrides"]]
-    with pytest.raises(SystemExit, match="no --in neurons:<relation>=PATH"):
+    with pytest.raises(SystemExit, match="no --in neurons:<key>=PATH"):
         run_stage(stage.main, "edit_update", argv)

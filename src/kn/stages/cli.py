@@ -36,6 +36,14 @@ class StageArgs:
             raise SystemExit(f"missing --in {name}=PATH (given: {sorted(self.inputs)})")
         return self.inputs[name]
 
+    def keyed_inputs(self, kind: str) -> dict[str, Path]:
+        """The ``--in <kind>:<key>=PATH`` inputs (one per relation or variant) as {key: path},
+        sorted by key as strings (the SPEC §2 relation order); at least one is required."""
+        found = {name.split(":", 1)[1]: path for name, path in self.inputs.items() if name.startswith(f"{kind}:")}
+        if not found:
+            raise SystemExit(f"no --in {kind}:<key>=PATH inputs given (given: {sorted(self.inputs)})")
+        return dict(sorted(found.items()))
+
     def output(self, name: str) -> Path:
         if name not in self.outputs:
             raise SystemExit(f"missing --out {name}=PATH (given: {sorted(self.outputs)})")

@@ -32,10 +32,7 @@ SUBSETS = ("all", "usable")
 
 def read_all(args: StageArgs, kind: str) -> pd.DataFrame:
     """Concatenate the ``--in <kind>:<relation>=path`` tables, in relation order (sorted as strings)."""
-    paths = {name.split(":", 1)[1]: path for name, path in args.inputs.items() if name.startswith(f"{kind}:")}
-    if not paths:
-        raise SystemExit(f"no --in {kind}:<relation>=PATH inputs given (given: {sorted(args.inputs)})")
-    return pd.concat([read_parquet(paths[relation]) for relation in sorted(paths)], ignore_index=True)
+    return pd.concat([read_parquet(path) for path in args.keyed_inputs(kind).values()], ignore_index=True)
 
 
 def subset_means(facts: pd.DataFrame, sentences: pd.DataFrame, activations: pd.DataFrame, max_unk_share: float) -> pd.DataFrame:

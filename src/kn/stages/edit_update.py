@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -62,18 +61,10 @@ PAPER_UPDATE = {
 }
 
 
-def inputs_by_relation(args: StageArgs, kind: str) -> dict[str, Path]:
-    """The ``--in <kind>:<rel>=path`` inputs keyed by relation id, sorted as strings (SPEC §2 order)."""
-    found = {name.split(":", 1)[1]: path for name, path in args.inputs.items() if name.startswith(f"{kind}:")}
-    if not found:
-        raise SystemExit(f"no --in {kind}:<relation>=PATH inputs given (given: {sorted(args.inputs)})")
-    return dict(sorted(found.items()))
-
-
 def load_study(args: StageArgs) -> tuple[dict[str, list[Fact]], dict[str, list[list[Neuron]]]]:
     """Studied facts and their IG knowledge-neuron lists for every selected relation."""
-    data_paths = inputs_by_relation(args, "data")
-    neuron_paths = inputs_by_relation(args, "neurons")
+    data_paths = args.keyed_inputs("data")
+    neuron_paths = args.keyed_inputs("neurons")
     if set(data_paths) != set(neuron_paths):
         raise SystemExit(f"relations with data {sorted(data_paths)} differ from those with neurons {sorted(neuron_paths)}")
     cap = args.cfg.study.facts_per_relation

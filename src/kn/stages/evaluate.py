@@ -47,10 +47,7 @@ DOSE_SCHEMA = pa.schema(
 def read_relation_prompts(args: StageArgs, study_cap: int | None) -> tuple[pd.DataFrame, dict[str, int]]:
     """Study-fact prompts of every selected relation and the number of study facts of each."""
     frames, n_facts = [], {}
-    for name in sorted(args.inputs):
-        if not name.startswith("data:"):
-            continue
-        relation, path = name.removeprefix("data:"), args.inputs[name]
+    for relation, path in args.keyed_inputs("data").items():
         frame = read_parquet(path)
         missing = [c for c in ("relation", "fact_id", "template_id", "object", "prompt") if c not in frame.columns]
         if missing:
@@ -60,8 +57,6 @@ def read_relation_prompts(args: StageArgs, study_cap: int | None) -> tuple[pd.Da
         total = int(frame["fact_id"].max()) + 1 if len(frame) else 0
         n_facts[relation] = total if study_cap is None else min(study_cap, total)
         frames.append(frame[frame["fact_id"] < n_facts[relation]])
-    if not frames:
-        raise SystemExit("evaluate needs --in data:<relation>=<relation prompts parquet> for every selected relation")
     prompts = pd.concat(frames, ignore_index=True)
     prompts["relation"] = prompts["relation"].astype(str)
     return prompts, n_facts

@@ -25,17 +25,12 @@ LABELS = {"ig": "Ours (IG)", "base": "Baseline", "random": "Random"}
 
 def read_tables(args: StageArgs, kind: str, columns: list[str]) -> pd.DataFrame:
     frames = []
-    for name in sorted(args.inputs):
-        if not name.startswith(f"{kind}:"):
-            continue
-        path = args.inputs[name]
+    for relation, path in args.keyed_inputs(kind).items():
         frame = read_parquet(path)
         missing = [c for c in columns if c not in frame.columns]
         if missing:
-            raise ValueError(f"{path}: missing columns {missing}; rerun the evaluate stage for {name.split(':', 1)[1]}")
+            raise ValueError(f"{path}: missing columns {missing}; rerun the evaluate stage for {relation}")
         frames.append(frame)
-    if not frames:
-        raise SystemExit(f"evaluate_summary needs --in {kind}:<relation>=<path> for every selected relation")
     return pd.concat(frames, ignore_index=True)
 
 

@@ -38,10 +38,7 @@ def read_neurons(args: StageArgs) -> tuple[dict[str, dict[str, list]], dict[str,
     """Per method {relation: fact KN sets} and per relation its refine JSON record."""
     sets: dict[str, dict[str, list]] = {m: {} for m in METHODS}
     records: dict[str, dict] = {}
-    for name in sorted(args.inputs):
-        if not name.startswith("neurons:"):
-            continue
-        relation, path = name.removeprefix("neurons:"), args.inputs[name]
+    for relation, path in args.keyed_inputs("neurons").items():
         summary_path = path.with_suffix(".json")
         try:
             record = json.loads(summary_path.read_text(encoding="utf-8"))
@@ -54,8 +51,6 @@ def read_neurons(args: StageArgs) -> tuple[dict[str, dict[str, list]], dict[str,
             rows = neurons[(neurons["method"] == method) & (neurons["relation"].astype(str) == relation)]
             sets[method][relation] = fact_sets(rows, int(record[method]["n_facts"]))
         records[relation] = record
-    if not records:
-        raise SystemExit("kn_analysis needs --in neurons:<relation>=<neurons parquet> for every selected relation")
     return sets, records
 
 

@@ -93,7 +93,7 @@ def layer_table(records: list[dict]) -> pd.DataFrame:
 def main(args: StageArgs) -> None:
     cfg = args.cfg
     variants = cfg.sweep.variants
-    records = [json.loads(path.read_text()) for name, path in sorted(args.inputs.items()) if name.startswith("record:")]
+    records = [json.loads(path.read_text()) for path in args.keyed_inputs("record").values()]
     for record in records:  # labels come from the current config, so relabelling needs no rerun
         spec = variants[record["variant"]]
         record["factor"], record["value"] = str(spec["factor"]), str(spec["value"])
