@@ -216,6 +216,7 @@ def read_activations(
     import torch
 
     from kn.hooks import capture_activations
+    from kn.models.encoding import pad_sequences
 
     wanted = [k for k, pos in enumerate(encoded.mask_positions) if pos >= 0 and len(neurons[k])]
     out = [np.zeros(0, dtype=np.float32) for _ in encoded.input_ids]
@@ -227,15 +228,10 @@ def read_activations(
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, mininterval=5.0):
         batch = order[start : start + batch_size]
-        width = max(len(encoded.input_ids[k]) for k in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, k in enumerate(batch):
-            ids[row, : len(encoded.input_ids[k])] = torch.tensor(encoded.input_ids[k])
-            attention[row, : len(encoded.input_ids[k])] = 1
+        ids, attention = pad_sequences([encoded.input_ids[k] for k in batch], pad_id, device)
         positions = torch.tensor([encoded.mask_positions[k] for k in batch], device=device)
         with torch.no_grad(), capture_activations(model, positions, layers) as captured:
-            model.base_model(input_ids=ids.to(device), attention_mask=attention.to(device))
+            model.base_model(input_ids=ids, attention_mask=attention)
         stacked = torch.stack([captured[layer] for layer in layers], dim=1).float().cpu()  # [B, L, ffn]
         for row, k in enumerate(batch):
             index_l = torch.tensor([layer_row[int(layer)] for layer, _ in neurons[k]])

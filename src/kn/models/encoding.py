@@ -26,13 +26,20 @@ class EncodedPrompts:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad the prompts ``rows`` (default all, in order) to their longest: (input_ids, attention_mask)."""
         seqs = self.input_ids if rows is None else [self.input_ids[k] for k in rows]
-        width = max(len(ids) for ids in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
-        return ids.to(device), mask.to(device)
+        return pad_sequences(seqs, pad_id, device)
+
+
+def pad_sequences(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token-id lists to the longest one: (input_ids, attention_mask), both [B, T] long."""
+    width = max(len(ids) for ids in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_len: int = 128) -> EncodedPrompts:
