@@ -126,6 +126,7 @@ def test_relations_of_the_wrong_type() -> None:
         ("+ig.foo=1", "unknown config key 'ig.foo'. Valid keys under 'ig'"),
         ("ig.dtype=float16", "config key 'ig.dtype' = 'float16'; expected one of ['bfloat16', 'float32']"),
         ("ig.facts_per_shard=0", "config key 'ig.facts_per_shard' = 0; expected >= 1"),
+        ("sweep.cores_per_variant=0", "config key 'sweep.cores_per_variant' = 0; expected >= 1"),
     ],
 )
 def test_bad_config_key_is_named_by_the_stage_cli(override: str, expected: str, tmp_path: Path) -> None:
