@@ -15,6 +15,8 @@ from kn.sweep import (
     collect_variant,
     effect_holds,
     factor_axes,
+    layer_matched_chance_jaccard,
+    learned_facts,
     neuron_jaccard,
     seed_stability,
     spearman,
@@ -119,6 +121,36 @@ def test_chance_jaccard_equals_enumeration(n_a, n_b, n_units):
     assert chance_jaccard(n_a, n_b, n_units) == pytest.approx(_enumerated_chance_jaccard(n_a, n_b, n_units))
 
 
+def _enumerated_layer_matched_jaccard(per_layer_a, per_layer_b, units_per_layer):
+    """Reference: average Jaccard over every pair of sets drawn layer by layer with these counts."""
+    layers = sorted(set(per_layer_a) | set(per_layer_b))
+
+    def all_sets(per_layer):
+        choices = [
+            [{(layer, u) for u in combo} for combo in itertools.combinations(range(units_per_layer), count)]
+            for layer, count in ((layer, per_layer.get(layer, 0)) for layer in layers)
+        ]
+        return [set().union(*parts) for parts in itertools.product(*choices)]
+
+    values = [len(a & b) / len(a | b) for a in all_sets(per_layer_a) for b in all_sets(per_layer_b)]
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize(
+    "per_layer_a,per_layer_b", [({0: 1, 1: 1}, {0: 2}), ({0: 2, 1: 1}, {0: 1, 1: 2}), ({1: 3}, {0: 1, 1: 1})]
+)
+def test_layer_matched_chance_jaccard_equals_enumeration(per_layer_a, per_layer_b):
+    expected = _enumerated_layer_matched_jaccard(per_layer_a, per_layer_b, units_per_layer=4)
+    assert layer_matched_chance_jaccard(per_layer_a, per_layer_b, 4) == pytest.approx(expected)
+
+
+def test_layer_matching_raises_the_yardstick_when_neurons_share_a_layer():
+    # 3 + 3 neurons all in one of 6 layers of 100 units: overlap is ~6x likelier than over 600 units
+    matched = layer_matched_chance_jaccard({5: 3}, {5: 3}, 100)
+    assert matched == pytest.approx(chance_jaccard(3, 3, 100))
+    assert matched > 5 * chance_jaccard(3, 3, 600)
+
+
 def test_chance_jaccard_rejects_impossible_sizes():
     with pytest.raises(ValueError, match="both sets are empty"):
         chance_jaccard(0, 0, 10)
@@ -141,13 +173,19 @@ def test_seed_stability_compares_against_random_sets():
     a = _neurons([("P1", "ig", 0, 0, 1, 0), ("P1", "ig", 0, 0, 2, 1), ("P1", "ig", 1, 1, 3, 0)])
     b = _neurons([("P1", "ig", 0, 0, 2, 0), ("P1", "ig", 1, 1, 4, 0), ("P1", "ig", 2, 0, 0, 0)])
     per_fact = neuron_jaccard(a, b)
-    out = seed_stability(per_fact, n_units=10)
+    out = seed_stability(per_fact, num_layers=2, units_per_layer=5)
     assert out["facts"] == 3 and out["facts_with_kn_in_both"] == 2
     assert out["mean_jaccard"] == pytest.approx((0.5 + 0.0 + 0.0) / 3)
     assert out["facts_sharing_a_neuron"] == 1 and out["facts_identical"] == 0
     expected_chance = (chance_jaccard(2, 1, 10) + chance_jaccard(1, 1, 10) + chance_jaccard(0, 1, 10)) / 3
     assert out["chance_jaccard"] == pytest.approx(expected_chance)
-    assert seed_stability(per_fact.iloc[:0], n_units=10) == {"facts": 0}
+    expected_matched = (
+        layer_matched_chance_jaccard({0: 2}, {0: 1}, 5)  # fact 0: both runs' neurons in layer 0
+        + layer_matched_chance_jaccard({1: 1}, {1: 1}, 5)
+        + 0.0  # fact 2: run a has none
+    ) / 3
+    assert out["chance_jaccard_layer_matched"] == pytest.approx(expected_matched)
+    assert seed_stability(per_fact.iloc[:0], num_layers=2, units_per_layer=5) == {"facts": 0}
 
 
 def test_effect_holds_needs_both_intervals_clear_of_zero():
@@ -156,6 +194,12 @@ def test_effect_holds_needs_both_intervals_clear_of_zero():
     assert not effect_holds({**good, "suppress_own_ig_ci_high": 0.001})
     assert not effect_holds({**good, "amplify_own_ig_ci_low": -0.001})
     assert not effect_holds({"suppress_own_ig_ci_high": -0.01})  # amplification not measured
+
+
+def test_learned_facts_needs_accuracy_above_the_majority_baseline():
+    assert learned_facts({"train_accuracy": 0.93, "majority_baseline": 0.26})
+    assert not learned_facts({"train_accuracy": 0.036, "majority_baseline": 0.26})  # stuck on the object prior
+    assert not learned_facts({"train_accuracy": 0.26, "majority_baseline": 0.26})  # no better than the prior
 
 
 def test_factor_axes_place_the_baseline_at_its_own_value():
@@ -170,3 +214,25 @@ def test_factor_axes_place_the_baseline_at_its_own_value():
     axes = factor_axes(variants, "baseline", cfg)
     assert axes["ffn_width"] == [("ffn512", "512"), ("baseline", "1024\n(baseline)"), ("ffn4096", "4096")]
     assert axes["training_length"] == [("short", "0.7"), ("baseline", "0.93\n(baseline)"), ("converged", "converged")]
+
+
+def test_factor_axes_compare_a_factor_with_its_named_reference():
+    cfg = OmegaConf.create({"model": {"train": {"intermediate_size": 1024, "lr": 0.001}}})
+    lr = "model.train.lr=0.0005"
+    variants = {
+        "baseline": {"factor": "baseline", "value": "default", "overrides": []},
+        "lr5e-4": {"factor": "learning_rate", "value": 0.0005, "overrides": [lr]},
+        "w4096": {"factor": "width at lr 5e-4", "value": 4096, "reference": "lr5e-4",
+                  "overrides": ["model.train.intermediate_size=4096", lr]},
+        "w2048": {"factor": "width at lr 5e-4", "value": 2048, "reference": "lr5e-4",
+                  "overrides": ["model.train.intermediate_size=2048", lr]},
+    }
+    axes = factor_axes(variants, "baseline", cfg)
+    assert axes["learning_rate"] == [("lr5e-4", "0.0005"), ("baseline", "0.001\n(baseline)")]
+    # lr is the same in every variant of the factor, so only the width labels the reference
+    assert axes["width at lr 5e-4"] == [("lr5e-4", "1024\n(ref: lr5e-4)"), ("w2048", "2048"), ("w4096", "4096")]
+    with pytest.raises(KeyError, match="reference 'nope'"):
+        factor_axes({**variants, "w2048": {**variants["w2048"], "reference": "nope"},
+                     "w4096": {**variants["w4096"], "reference": "nope"}}, "baseline", cfg)
+    with pytest.raises(ValueError, match="different references"):
+        factor_axes({**variants, "w2048": {**variants["w2048"], "reference": "baseline"}}, "baseline", cfg)

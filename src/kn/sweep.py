@@ -120,11 +120,56 @@ def neuron_jaccard(a: pd.DataFrame, b: pd.DataFrame, method: str = "ig") -> pd.D
                 "fact_id": key[1],
                 "n_a": len(sa),
                 "n_b": len(sb),
+                "layers_a": _per_layer(sa),
+                "layers_b": _per_layer(sb),
                 "shared": len(sa & sb),
                 "jaccard": len(sa & sb) / len(sa | sb),
             }
         )
-    return pd.DataFrame(records, columns=["relation", "fact_id", "n_a", "n_b", "shared", "jaccard"])
+    columns = ["relation", "fact_id", "n_a", "n_b", "layers_a", "layers_b", "shared", "jaccard"]
+    return pd.DataFrame(records, columns=columns)
+
+
+def _per_layer(neurons: set[tuple[int, int]]) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for layer, _ in neurons:
+        counts[layer] = counts.get(layer, 0) + 1
+    return counts
+
+
+def _intersection_pmf(n_a: int, n_b: int, n_units: int) -> list[float]:
+    """P(|A ∩ B| = k) for uniform random sets of sizes n_a, n_b out of n_units (hypergeometric)."""
+    if not 0 <= n_a <= n_units or not 0 <= n_b <= n_units:
+        raise ValueError(f"chance_jaccard: set sizes {n_a}, {n_b} must lie in [0, {n_units}]")
+    total = math.comb(n_units, n_b)
+    return [
+        math.comb(n_a, k) * math.comb(n_units - n_a, n_b - k) / total if k >= n_a + n_b - n_units else 0.0
+        for k in range(min(n_a, n_b) + 1)
+    ]
+
+
+def layer_matched_chance_jaccard(
+    per_layer_a: Mapping[int, int], per_layer_b: Mapping[int, int], units_per_layer: int
+) -> float:
+    """Expected Jaccard of random neuron sets drawn layer by layer with the given per-layer sizes.
+
+    The fair yardstick when neurons pile up in one layer (the top layer holds most IG
+    neurons): two random sets confined to it overlap far more often than two drawn from all
+    units. Intersections of different layers are independent, so the total overlap's law is
+    the convolution of the per-layer hypergeometric laws; the expectation is exact.
+    """
+    n_a, n_b = sum(per_layer_a.values()), sum(per_layer_b.values())
+    if n_a + n_b == 0:
+        raise ValueError("chance_jaccard: both sets are empty; overlap is undefined")
+    pmf = [1.0]
+    for layer in set(per_layer_a) | set(per_layer_b):
+        layer_pmf = _intersection_pmf(per_layer_a.get(layer, 0), per_layer_b.get(layer, 0), units_per_layer)
+        convolved = [0.0] * (len(pmf) + len(layer_pmf) - 1)
+        for i, p in enumerate(pmf):
+            for j, q in enumerate(layer_pmf):
+                convolved[i + j] += p * q
+        pmf = convolved
+    return sum(p * k / (n_a + n_b - k) for k, p in enumerate(pmf))
 
 
 def chance_jaccard(n_a: int, n_b: int, n_units: int) -> float:
@@ -132,18 +177,9 @@ def chance_jaccard(n_a: int, n_b: int, n_units: int) -> float:
 
     The yardstick for cross-seed overlap: independently initialised models share no unit
     identity (hidden units are permutation-symmetric), so this is what "no shared neurons
-    beyond luck" looks like. The intersection is hypergeometric; the expectation is exact.
+    beyond luck" looks like.
     """
-    if n_a + n_b == 0:
-        raise ValueError("chance_jaccard: both sets are empty; overlap is undefined")
-    if not 0 <= n_a <= n_units or not 0 <= n_b <= n_units:
-        raise ValueError(f"chance_jaccard: set sizes {n_a}, {n_b} must lie in [0, {n_units}]")
-    total = math.comb(n_units, n_b)
-    expected = 0.0
-    for k in range(max(0, n_a + n_b - n_units), min(n_a, n_b) + 1):
-        pmf = math.comb(n_a, k) * math.comb(n_units - n_a, n_b - k) / total
-        expected += pmf * k / (n_a + n_b - k)
-    return expected
+    return layer_matched_chance_jaccard({0: n_a}, {0: n_b}, n_units)
 
 
 def spearman(a: pd.Series, b: pd.Series) -> float:
@@ -159,11 +195,16 @@ def spearman(a: pd.Series, b: pd.Series) -> float:
     return float(pd.Series(ra).corr(pd.Series(rb)))
 
 
-def seed_stability(per_fact: pd.DataFrame, n_units: int) -> dict[str, Any]:
-    """Summarise a ``neuron_jaccard`` table of two seeds against the random-set yardstick."""
+def seed_stability(per_fact: pd.DataFrame, num_layers: int, units_per_layer: int) -> dict[str, Any]:
+    """Summarise a ``neuron_jaccard`` table of two seeds against random-set yardsticks: sets
+    drawn from all units, and sets drawn with each fact's own per-layer counts."""
     if per_fact.empty:
         return {"facts": 0}
+    n_units = num_layers * units_per_layer
     chance = [chance_jaccard(int(a), int(b), n_units) for a, b in zip(per_fact["n_a"], per_fact["n_b"])]
+    matched = [
+        layer_matched_chance_jaccard(a, b, units_per_layer) for a, b in zip(per_fact["layers_a"], per_fact["layers_b"])
+    ]
     both = per_fact[(per_fact["n_a"] > 0) & (per_fact["n_b"] > 0)]
     return {
         "facts": int(len(per_fact)),
@@ -171,11 +212,22 @@ def seed_stability(per_fact: pd.DataFrame, n_units: int) -> dict[str, Any]:
         "mean_jaccard": float(per_fact["jaccard"].mean()),
         "median_jaccard": float(per_fact["jaccard"].median()),
         "chance_jaccard": float(sum(chance) / len(chance)),
+        "chance_jaccard_layer_matched": float(sum(matched) / len(matched)),
         "facts_identical": int((per_fact["jaccard"] == 1.0).sum()),
         "facts_sharing_a_neuron": int((per_fact["shared"] > 0).sum()),
         # Does a fact that needs many neurons in one seed need many in the other?
         "kn_count_spearman": spearman(both["n_a"], both["n_b"]),
     }
+
+
+def learned_facts(record: Mapping[str, Any]) -> bool:
+    """The variant's model beats always answering each relation's most common object.
+
+    A recipe change can leave training stuck on the loss plateau where the model predicts
+    only the object prior; IG still ranks neurons there, so without this flag such a
+    variant's "knowledge neurons" would read like a result about stored facts.
+    """
+    return bool(record["train_accuracy"] > record["majority_baseline"])
 
 
 def effect_holds(record: Mapping[str, Any]) -> bool:
@@ -188,31 +240,49 @@ def effect_holds(record: Mapping[str, Any]) -> bool:
 
 
 def factor_axes(variants: Mapping[str, Mapping[str, Any]], baseline: str, cfg: Any) -> dict[str, list[tuple[str, str]]]:
-    """Per varied factor, the (variant, x label) points in axis order, baseline included.
+    """Per varied factor, the (variant, x label) points in axis order, its reference included.
 
-    The baseline sits at its own config value of the key the factor's overrides change
-    (e.g. ffn_width 1024), so each panel reads as effect against that factor. Numeric
-    values are sorted; anything else (e.g. "converged") goes last, in config order.
+    A factor's reference is the sweep baseline unless its variants name another with
+    ``reference:`` (e.g. widths retrained at a lower lr are compared with the default width
+    at that lr). The reference sits at its own value of the keys that vary within the
+    factor (e.g. ffn_width 1024), so each panel reads as effect against that factor.
+    Values are sorted by their leading number; anything else (e.g. "converged") goes last.
     """
     from omegaconf import OmegaConf
 
-    axes: dict[str, list[tuple[str, str]]] = {}
+    groups: dict[str, list[str]] = {}
     for name, spec in variants.items():
-        if name == baseline:
-            continue
-        axes.setdefault(str(spec["factor"]), []).append((name, str(spec["value"])))
+        if name != baseline:
+            groups.setdefault(str(spec["factor"]), []).append(name)
     out = {}
-    for factor, points in axes.items():
-        keys = {o.split("=", 1)[0].lstrip("+~") for n, _ in points for o in variant_overrides(variants, n)}
-        base_value = ", ".join(str(OmegaConf.select(cfg, k)) for k in sorted(keys))
-        if baseline in variants:
-            points = [*points, (baseline, base_value)]
-
-        def order(point: tuple[str, str]) -> tuple[int, float]:
-            try:
-                return (0, float(point[1]))
-            except ValueError:
-                return (1, 0.0)
-
-        out[factor] = [(n, f"{v}\n(baseline)" if n == baseline else v) for n, v in sorted(points, key=order)]
+    for factor, names in groups.items():
+        references = {str(variants[n].get("reference", baseline)) for n in names}
+        if len(references) > 1:
+            raise ValueError(f"sweep factor {factor!r}: its variants name different references {sorted(references)}")
+        reference = references.pop()
+        if reference != baseline and reference not in variants:
+            raise KeyError(f"sweep factor {factor!r}: reference {reference!r} is not a variant in sweep.variants")
+        settings = [_override_values(variants, n) for n in names]
+        keys = sorted({k for setting in settings for k in setting})
+        varying = [k for k in keys if len({setting.get(k) for setting in settings}) > 1] or keys
+        own = _override_values(variants, reference) if reference in variants else {}
+        ref_value = ", ".join(own.get(k, str(OmegaConf.select(cfg, k))) for k in varying)
+        points = [(n, str(variants[n]["value"])) for n in names]
+        if reference in variants:
+            tag = "baseline" if reference == baseline else f"ref: {reference}"
+            points.append((reference, f"{ref_value}\n({tag})"))
+        out[factor] = sorted(points, key=_axis_order)
     return out
+
+
+def _override_values(variants: Mapping[str, Mapping[str, Any]], name: str) -> dict[str, str]:
+    """The variant's overrides as key -> value text (a deletion ``~key`` maps to "")."""
+    pairs = (o.split("=", 1) for o in variant_overrides(variants, name))
+    return {pair[0].lstrip("+~"): pair[1] if len(pair) == 2 else "" for pair in pairs}
+
+
+def _axis_order(point: tuple[str, str]) -> tuple[int, float]:
+    try:
+        return (0, float(point[1].split()[0]))
+    except (ValueError, IndexError):
+        return (1, 0.0)

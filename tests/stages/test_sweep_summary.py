@@ -10,12 +10,13 @@ import pytest
 
 from kn.stages import sweep_summary
 from kn.stages.cli import run_stage
-from kn.sweep import chance_jaccard
+from kn.sweep import chance_jaccard, layer_matched_chance_jaccard
 
 
 
-def _record(name: str, suppress: float, ci_high: float) -> dict:
-    record = {"variant": name, "factor": "stale", "value": "stale", "train_accuracy": 0.9, "ig_avg_kn": 3.0,
+def _record(name: str, suppress: float, ci_high: float, train_accuracy: float = 0.9) -> dict:
+    record = {"variant": name, "factor": "stale", "value": "stale", "train_accuracy": train_accuracy,
+              "majority_baseline": 0.25, "ig_avg_kn": 3.0,
               "base_avg_kn": 4.0, "ig_layer_share": [0.25, 0.75]}
     for method in ("ig", "base", "random"):
         for metric, sign in (("suppress_own", -1), ("amplify_own", 1)):
@@ -31,7 +32,7 @@ def _neurons(path: Path, rows: list[tuple]) -> None:
 
 
 def test_sweep_summary_table_figure_and_seed_stability(tmp_path):
-    records = {"baseline": _record("baseline", -0.03, -0.01), "ffn512": _record("ffn512", -0.02, 0.004),
+    records = {"baseline": _record("baseline", -0.03, -0.01), "ffn512": _record("ffn512", -0.02, 0.004, train_accuracy=0.1),
                "seed1": _record("seed1", -0.04, -0.02)}
     inputs = []
     for name, record in records.items():
@@ -52,10 +53,16 @@ def test_sweep_summary_table_figure_and_seed_stability(tmp_path):
     assert table["variant"].tolist() == ["baseline", "ffn512", "seed1"]  # config order
     assert table["factor"].tolist() == ["baseline", "ffn_width", "seed"]  # labels from the config, not the record
     assert table["effect_holds"].tolist() == [True, False, True]  # ffn512's suppression CI reaches above 0
+    assert table["overrides"].fillna("").tolist() == ["", "model.train.intermediate_size=512", "model.train.seed=1"]
+    assert table["learned_facts"].tolist() == [True, False, True]  # ffn512 is below its majority baseline
     assert table["ig_layer_share_L2"].tolist() == [0.75] * 3
     stability = json.loads((out / "sweep.json").read_text())["seed_stability"]["seed1"]
     assert stability["facts"] == 2 and stability["mean_jaccard"] == pytest.approx((1 / 2 + 0) / 2)
     assert stability["chance_jaccard"] == pytest.approx((chance_jaccard(2, 1, 8) + chance_jaccard(1, 1, 8)) / 2)
+    # fact 0: {layer 0: 1, layer 1: 1} vs {layer 1: 1}; fact 1: layer 0 vs layer 1 can never overlap
+    matched = layer_matched_chance_jaccard({0: 1, 1: 1}, {1: 1}, 4) / 2
+    assert stability["chance_jaccard_layer_matched"] == pytest.approx(matched)
     md = (out / "sweep.md").read_text()
-    assert "mean Jaccard 0.2500" in md and "L2" in md
+    assert "mean Jaccard 0.2500" in md and f"layer-matched {matched:.4f}" in md and "L2" in md
+    assert "**Did not learn its facts**" in md and "`ffn512`." in md
     assert (out / "effects.png").stat().st_size > 10_000 and (out / "effects.pdf").exists()

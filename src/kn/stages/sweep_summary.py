@@ -14,17 +14,25 @@ import pandas as pd  # noqa: E402
 
 from kn.io import atomic_path, provenance, read_parquet, write_json, write_text  # noqa: E402
 from kn.stages.cli import StageArgs, run_stage  # noqa: E402
-from kn.sweep import METHODS, effect_holds, factor_axes, neuron_jaccard, seed_stability  # noqa: E402
+from kn.sweep import (  # noqa: E402
+    METHODS,
+    effect_holds,
+    factor_axes,
+    learned_facts,
+    neuron_jaccard,
+    seed_stability,
+    variant_overrides,
+)
 
 log = logging.getLogger("kn.sweep")
 
 COLUMNS = [
-    "variant", "factor", "value", "train_accuracy", "heldout_accuracy", "mean_gold_prob", "train_steps",
+    "variant", "factor", "value", "overrides", "train_accuracy", "heldout_accuracy", "mean_gold_prob", "train_steps",
     "train_seconds", "job_seconds", "ig_avg_kn", "base_avg_kn", "ig_facts_without_kn", "ig_p_mean",
     "ig_relations_off_target", "ig_mean_layer", "ig_top_layer_share",
     "suppress_own_ig", "suppress_own_ig_ci_low", "suppress_own_ig_ci_high", "suppress_own_base",
     "suppress_own_random", "amplify_own_ig", "amplify_own_ig_ci_low", "amplify_own_ig_ci_high",
-    "amplify_own_base", "amplify_own_random", "effect_holds",
+    "amplify_own_base", "amplify_own_random", "majority_baseline", "learned_facts", "effect_holds",
 ]
 
 
@@ -48,7 +56,8 @@ def _plot_effects(ax, rows: pd.DataFrame) -> None:
 def effect_figure(table: pd.DataFrame, axes_spec: dict[str, list[tuple[str, str]]], path_png: Path,
                   path_pdf: Path) -> None:
     """Per factor: suppress/amplify ratios (IG with 95% CI, base, random; top) and knowledge
-    neurons per fact (bottom), against the factor's values with the baseline in place."""
+    neurons per fact (bottom), against the factor's values with the baseline in place.
+    Variants whose model did not learn its facts stay plotted but are shaded and labelled."""
     present = set(table["variant"])  # a factor whose variants were not run (sweep.only) gets no panel
     factors = [f for f in axes_spec if sum(n in present for n, _ in axes_spec[f]) >= 2]
     ncols = max(1, len(factors))
@@ -65,9 +74,17 @@ def effect_figure(table: pd.DataFrame, axes_spec: dict[str, list[tuple[str, str]
         for method, colour in (("ig", "tab:blue"), ("base", "tab:orange")):
             bottom.plot(x, rows[f"{method}_avg_kn"], marker="o", color=colour, label=f"{method}")
         bottom.axhspan(2, 5, color="tab:green", alpha=0.12, label="[2, 5] target")
+        bottom.set_yscale("log")  # a model that stores nothing gets ~100 "neurons" per fact
         bottom.set_ylabel("knowledge neurons / fact")
+        labels = [label for _, label in points]
+        for i, learned in enumerate(rows["learned_facts"]):
+            if not learned:
+                labels[i] += "\n(not learned)"
+                for ax in (top, bottom):
+                    ax.axvspan(i - 0.3, i + 0.3, color="tab:red", alpha=0.1, linewidth=0)
         for ax in (top, bottom):
-            ax.set_xticks(list(x), [label for _, label in points], fontsize=8)
+            ax.set_xticks(list(x), labels, fontsize=7)
+            ax.set_xlim(-0.5, len(rows) - 0.5)
         if col:
             top.set_ylabel("")
             bottom.set_ylabel("")
@@ -97,6 +114,8 @@ def main(args: StageArgs) -> None:
     for record in records:  # labels come from the current config, so relabelling needs no rerun
         spec = variants[record["variant"]]
         record["factor"], record["value"] = str(spec["factor"]), str(spec["value"])
+        record["overrides"] = " ".join(variant_overrides(variants, record["variant"]))  # every change, confounds too
+        record["learned_facts"] = learned_facts(record)
         record["effect_holds"] = effect_holds(record)
     order = {name: i for i, name in enumerate(variants)}
     records.sort(key=lambda r: order[r["variant"]])
@@ -109,19 +128,24 @@ def main(args: StageArgs) -> None:
     if seeds and cfg.sweep.baseline in set(table["variant"]):
         model = str(cfg.model.name)
         root = Path(cfg.results_dir)
-        n_units = int(cfg.model.train.num_layers) * int(cfg.model.train.intermediate_size)
         for other in seeds:
             frames = []
             for name in (cfg.sweep.baseline, other):
                 paths = sorted((root / "sweep" / name / model / "neurons").glob("*.parquet"))
                 frames.append(pd.concat([read_parquet(p) for p in paths], ignore_index=True))
-            stability[other] = seed_stability(neuron_jaccard(*frames, method="ig"), n_units)
+            stability[other] = seed_stability(neuron_jaccard(*frames, method="ig"), int(cfg.model.train.num_layers),
+                                              int(cfg.model.train.intermediate_size))
     write_text(args.output("csv"), table.to_csv(index=False))
     md = ["# Model-organism sweep (issue 9)", "",
           f"Baseline variant: `{cfg.sweep.baseline}`; each other variant changes one factor of the default recipe. "
           "Ratios are the unweighted mean over relations of the ratio of averages (SPEC §5); IG 95% CIs are "
           "bootstrap over facts. `effect_holds`: suppression CI below 0 and amplification CI above 0. "
+          "`learned_facts`: training-template accuracy above the majority-object baseline. "
           "`job_seconds`: summed wall time of the variant's jobs (training included).", ""]
+    not_learned = [r["variant"] for r in records if not r["learned_facts"]]
+    if not_learned:
+        md += [f"**Did not learn its facts** (accuracy at or below always answering the most common object, so "
+               f"its neurons are not knowledge neurons): {', '.join(f'`{n}`' for n in not_learned)}.", ""]
     md.append(table.drop(columns=[c for c in table.columns if c.startswith("ig_layer_share_")])
               .to_markdown(index=False, floatfmt=".4g"))
     md += ["", "## Layer distribution of IG knowledge neurons (share per layer, L1 = bottom)", "",
@@ -129,13 +153,15 @@ def main(args: StageArgs) -> None:
     if stability:
         md += ["", "## Neuron-set stability across seeds (IG, Jaccard per fact)", "",
                "Independently initialised models share no unit identity (hidden units are permutation-symmetric), "
-               "so the yardstick is the Jaccard two random sets of the same sizes would have.", ""]
+               "so the yardsticks are the Jaccard of two random sets of the same sizes, drawn from all units or "
+               "layer-matched (each fact's per-layer neuron counts kept; fair when most neurons sit in one layer).",
+               ""]
         for name, s in stability.items():
             if not s["facts"]:
                 md.append(f"- `{cfg.sweep.baseline}` vs `{name}`: no fact has neurons in either run")
                 continue
             md.append(f"- `{cfg.sweep.baseline}` vs `{name}`: mean Jaccard {s['mean_jaccard']:.4f} (random sets: "
-                      f"{s['chance_jaccard']:.4f}), median {s['median_jaccard']:.3f} over {s['facts']} facts with neurons "
+                      f"{s['chance_jaccard']:.4f}, layer-matched {s['chance_jaccard_layer_matched']:.4f}), median {s['median_jaccard']:.3f} over {s['facts']} facts with neurons "
                       f"in either run ({s['facts_with_kn_in_both']} in both); {s['facts_sharing_a_neuron']} share at "
                       f"least one neuron, {s['facts_identical']} identical; Spearman of per-fact neuron counts "
                       f"{s['kn_count_spearman']:.2f}")
