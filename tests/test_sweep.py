@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from kn.sweep import (
     chance_jaccard,
     collect_variant,
+    confidence_trend,
     effect_holds,
     factor_axes,
     layer_matched_chance_jaccard,
@@ -236,3 +237,16 @@ def test_factor_axes_compare_a_factor_with_its_named_reference():
                      "w4096": {**variants["w4096"], "reference": "nope"}}, "baseline", cfg)
     with pytest.raises(ValueError, match="different references"):
         factor_axes({**variants, "w2048": {**variants["w2048"], "reference": "baseline"}}, "baseline", cfg)
+
+
+def test_confidence_trend_ranks_learned_variants_only():
+    table = pd.DataFrame({
+        "learned_facts": [True, True, True, True, False],
+        "mean_gold_prob": [0.4, 0.7, 0.8, 0.9, 0.01],
+        "suppress_own_ig": [-0.03, -0.02, -0.015, -0.007, -0.5],  # not-learned row would break the order
+        "amplify_own_ig": [0.02, 0.01, 0.012, 0.0, 0.5],
+    })
+    trend = confidence_trend(table)
+    assert trend["variants"] == 4
+    assert trend["spearman_gold_prob_suppress_own"] == pytest.approx(1.0)
+    assert trend["spearman_gold_prob_amplify_own"] == pytest.approx(-0.8)

@@ -230,6 +230,20 @@ def learned_facts(record: Mapping[str, Any]) -> bool:
     return bool(record["train_accuracy"] > record["majority_baseline"])
 
 
+def confidence_trend(table: pd.DataFrame) -> dict[str, Any]:
+    """Over variants that learned their facts, the rank correlation of the model's mean gold
+    probability with each IG effect: do the effects depend on how confident the model is,
+    whichever factor made it so?"""
+    learned = table[table["learned_facts"].astype(bool)]
+    out: dict[str, Any] = {"variants": int(len(learned))}
+    for metric in HEADLINE_METRICS:
+        column = f"{metric}_ig"
+        out[f"spearman_gold_prob_{metric}"] = (
+            spearman(learned["mean_gold_prob"], learned[column]) if column in learned else float("nan")
+        )
+    return out
+
+
 def effect_holds(record: Mapping[str, Any]) -> bool:
     """IG neurons move the gold probability the right way, both ways: suppression's 95% CI
     lies below 0 and amplification's above 0 (SPEC §5 headline effect)."""

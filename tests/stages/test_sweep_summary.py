@@ -14,9 +14,9 @@ from kn.sweep import chance_jaccard, layer_matched_chance_jaccard
 
 
 
-def _record(name: str, suppress: float, ci_high: float, train_accuracy: float = 0.9) -> dict:
+def _record(name: str, suppress: float, ci_high: float, train_accuracy: float = 0.9, gold: float = 0.5) -> dict:
     record = {"variant": name, "factor": "stale", "value": "stale", "train_accuracy": train_accuracy,
-              "majority_baseline": 0.25, "ig_avg_kn": 3.0,
+              "majority_baseline": 0.25, "mean_gold_prob": gold, "ig_avg_kn": 3.0,
               "base_avg_kn": 4.0, "ig_layer_share": [0.25, 0.75]}
     for method in ("ig", "base", "random"):
         for metric, sign in (("suppress_own", -1), ("amplify_own", 1)):
@@ -32,7 +32,7 @@ def _neurons(path: Path, rows: list[tuple]) -> None:
 
 
 def test_sweep_summary_table_figure_and_seed_stability(tmp_path):
-    records = {"baseline": _record("baseline", -0.03, -0.01), "ffn512": _record("ffn512", -0.02, 0.004, train_accuracy=0.1),
+    records = {"baseline": _record("baseline", -0.03, -0.01, gold=0.8), "ffn512": _record("ffn512", -0.02, 0.004, train_accuracy=0.1),
                "seed1": _record("seed1", -0.04, -0.02)}
     inputs = []
     for name, record in records.items():
@@ -45,6 +45,7 @@ def test_sweep_summary_table_figure_and_seed_stability(tmp_path):
     run_stage(sweep_summary.main, "sweep_summary", [
         *inputs, f"--out=csv={out}/sweep.csv", f"--out=markdown={out}/sweep.md", f"--out=json={out}/sweep.json",
         f"--out=figure_png={out}/effects.png", f"--out=figure_pdf={out}/effects.pdf",
+        f"--out=confidence_png={out}/confidence.png", f"--out=confidence_pdf={out}/confidence.pdf",
         "experiment=organism-sweep", f"results_dir={tmp_path}", "sweep.only=[baseline,ffn512,seed1]",
         "model.train.num_layers=2", "model.train.intermediate_size=4",
     ])  # fmt: skip
@@ -64,5 +65,7 @@ def test_sweep_summary_table_figure_and_seed_stability(tmp_path):
     assert stability["chance_jaccard_layer_matched"] == pytest.approx(matched)
     md = (out / "sweep.md").read_text()
     assert "mean Jaccard 0.2500" in md and f"layer-matched {matched:.4f}" in md and "L2" in md
+    assert "Over the 2 variants that learned their facts" in md  # too few to rank: reported as nan
     assert "**Did not learn its facts**" in md and "`ffn512`." in md
     assert (out / "effects.png").stat().st_size > 10_000 and (out / "effects.pdf").exists()
+    assert (out / "confidence.png").stat().st_size > 10_000 and (out / "confidence.pdf").exists()

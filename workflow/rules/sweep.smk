@@ -41,6 +41,10 @@ if SWEEP_VARIANTS:
             json=f"{RESULTS}/sweep/sweep.json",
             png=report(f"{RESULTS}/sweep/effects.png", caption="../report/sweep_effects.rst", category="6. Organism sweep"),
             pdf=f"{RESULTS}/sweep/effects.pdf",
+            confidence_png=report(
+                f"{RESULTS}/sweep/confidence.png", caption="../report/sweep_confidence.rst", category="6. Organism sweep"
+            ),
+            confidence_pdf=f"{RESULTS}/sweep/confidence.pdf",
         params:
             records=lambda wc, input: " ".join(f"--in record:{Path(p).stem}={p}" for p in input),
             overrides=user_overrides(),
@@ -53,6 +57,7 @@ if SWEEP_VARIANTS:
         shell:
             "python -m kn.stages.sweep_summary {params.records} --out csv={output.csv} --out markdown={output.md} "
             "--out json={output.json} --out figure_png={output.png} --out figure_pdf={output.pdf} "
+            "--out confidence_png={output.confidence_png} --out confidence_pdf={output.confidence_pdf} "
             "{params.overrides} > {log} 2>&1"
 
     TARGETS.clear()  # the sweep experiment's product is the sweep table, not one model's study

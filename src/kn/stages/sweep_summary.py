@@ -16,6 +16,7 @@ from kn.io import atomic_path, provenance, read_parquet, write_json, write_text 
 from kn.stages.cli import StageArgs, run_stage  # noqa: E402
 from kn.sweep import (  # noqa: E402
     METHODS,
+    confidence_trend,
     effect_holds,
     factor_axes,
     learned_facts,
@@ -61,7 +62,8 @@ def effect_figure(table: pd.DataFrame, axes_spec: dict[str, list[tuple[str, str]
     present = set(table["variant"])  # a factor whose variants were not run (sweep.only) gets no panel
     factors = [f for f in axes_spec if sum(n in present for n, _ in axes_spec[f]) >= 2]
     ncols = max(1, len(factors))
-    fig, axes = plt.subplots(2, ncols, figsize=(3.6 * ncols, 6.4), squeeze=False, sharey="row",
+    # y is not shared: one weakly trained variant's large ratio would flatten every other panel
+    fig, axes = plt.subplots(2, ncols, figsize=(3.6 * ncols, 6.4), squeeze=False,
                              gridspec_kw={"height_ratios": [2, 1]})
     indexed = table.set_index("variant")
     for col, factor in enumerate(factors):
@@ -75,6 +77,8 @@ def effect_figure(table: pd.DataFrame, axes_spec: dict[str, list[tuple[str, str]
             bottom.plot(x, rows[f"{method}_avg_kn"], marker="o", color=colour, label=f"{method}")
         bottom.axhspan(2, 5, color="tab:green", alpha=0.12, label="[2, 5] target")
         bottom.set_yscale("log")  # a model that stores nothing gets ~100 "neurons" per fact
+        bottom.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        bottom.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         bottom.set_ylabel("knowledge neurons / fact")
         labels = [label for _, label in points]
         for i, learned in enumerate(rows["learned_facts"]):
@@ -90,6 +94,35 @@ def effect_figure(table: pd.DataFrame, axes_spec: dict[str, list[tuple[str, str]
             bottom.set_ylabel("")
     axes[0][0].legend(fontsize=7)
     axes[1][0].legend(fontsize=7)
+    _save(fig, path_png, path_pdf)
+
+
+def confidence_figure(table: pd.DataFrame, path_png: Path, path_pdf: Path) -> None:
+    """IG suppress/amplify ratios (95% CI) against each variant's mean gold probability,
+    whatever factor set it; hollow markers: variants that did not learn their facts."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for metric, marker, colour in (("suppress_own", "v", "tab:blue"), ("amplify_own", "^", "tab:red")):
+        col = f"{metric}_ig"
+        for learned in (True, False):
+            rows = table[table["learned_facts"].astype(bool) == learned]
+            if rows.empty:
+                continue
+            ax.errorbar(rows["mean_gold_prob"], rows[col], yerr=[rows[col] - rows[f"{col}_ci_low"],
+                        rows[f"{col}_ci_high"] - rows[col]], marker=marker, linestyle="none", capsize=3,
+                        color=colour, markerfacecolor=colour if learned else "white",
+                        label=f"{metric.split('_')[0]} IG" + ("" if learned else " (not learned)"))
+        for _, row in table.iterrows():
+            ax.annotate(row["variant"], (row["mean_gold_prob"], row[col]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xlabel("mean gold probability of the studied prompts")
+    ax.set_ylabel("correct-probability change ratio")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.legend(fontsize=7)
+    _save(fig, path_png, path_pdf)
+
+
+def _save(fig, path_png: Path, path_pdf: Path) -> None:
     fig.tight_layout()
     for path in (path_png, path_pdf):
         with atomic_path(path) as tmp:
@@ -165,11 +198,18 @@ def main(args: StageArgs) -> None:
                       f"in either run ({s['facts_with_kn_in_both']} in both); {s['facts_sharing_a_neuron']} share at "
                       f"least one neuron, {s['facts_identical']} identical; Spearman of per-fact neuron counts "
                       f"{s['kn_count_spearman']:.2f}")
+    trend = confidence_trend(table)
+    md += ["", "## Effect size against confidence", "",
+           f"Over the {trend['variants']} variants that learned their facts, Spearman rank correlation of mean gold "
+           f"probability with the IG suppression ratio: {trend['spearman_gold_prob_suppress_own']:.2f}; with the IG "
+           f"amplification ratio: {trend['spearman_gold_prob_amplify_own']:.2f} (suppression ratios are negative, so a "
+           "positive value means more confident models lose less)."]
     write_text(args.output("markdown"), "\n".join(md) + "\n")
-    write_json(args.output("json"), {"variants": records, "seed_stability": stability,
+    write_json(args.output("json"), {"variants": records, "seed_stability": stability, "confidence_trend": trend,
                                      "provenance": provenance(cfg, "sweep_summary")})
     effect_figure(table, factor_axes(variants, cfg.sweep.baseline, cfg), args.output("figure_png"),
                   args.output("figure_pdf"))
+    confidence_figure(table, args.output("confidence_png"), args.output("confidence_pdf"))
     log.info("sweep table over %d variants written", len(table))
 
 
