@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -131,10 +132,7 @@ def neuron_jaccard(a: pd.DataFrame, b: pd.DataFrame, method: str = "ig") -> pd.D
 
 
 def _per_layer(neurons: set[tuple[int, int]]) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for layer, _ in neurons:
-        counts[layer] = counts.get(layer, 0) + 1
-    return counts
+    return dict(Counter(layer for layer, _ in neurons))
 
 
 def _intersection_pmf(n_a: int, n_b: int, n_units: int) -> list[float]:
@@ -142,10 +140,8 @@ def _intersection_pmf(n_a: int, n_b: int, n_units: int) -> list[float]:
     if not 0 <= n_a <= n_units or not 0 <= n_b <= n_units:
         raise ValueError(f"chance_jaccard: set sizes {n_a}, {n_b} must lie in [0, {n_units}]")
     total = math.comb(n_units, n_b)
-    return [
-        math.comb(n_a, k) * math.comb(n_units - n_a, n_b - k) / total if k >= n_a + n_b - n_units else 0.0
-        for k in range(min(n_a, n_b) + 1)
-    ]
+    # math.comb is 0 when fewer than n_b - k units lie outside A, so impossible k get 0
+    return [math.comb(n_a, k) * math.comb(n_units - n_a, n_b - k) / total for k in range(min(n_a, n_b) + 1)]
 
 
 def layer_matched_chance_jaccard(

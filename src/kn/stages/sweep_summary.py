@@ -12,7 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from kn.io import atomic_path, provenance, read_parquet, write_json, write_text  # noqa: E402
+from kn.figures import save_figure  # noqa: E402
+from kn.io import provenance, read_parquet, write_json, write_text  # noqa: E402
 from kn.stages.cli import StageArgs, run_stage  # noqa: E402
 from kn.sweep import (  # noqa: E402
     METHODS,
@@ -94,7 +95,8 @@ def effect_figure(table: pd.DataFrame, axes_spec: dict[str, list[tuple[str, str]
             bottom.set_ylabel("")
     axes[0][0].legend(fontsize=7)
     axes[1][0].legend(fontsize=7)
-    _save(fig, path_png, path_pdf)
+    fig.tight_layout()
+    save_figure(fig, (path_png, path_pdf))
 
 
 def confidence_figure(table: pd.DataFrame, path_png: Path, path_pdf: Path) -> None:
@@ -119,15 +121,8 @@ def confidence_figure(table: pd.DataFrame, path_png: Path, path_pdf: Path) -> No
     ax.set_ylabel("correct-probability change ratio")
     ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.legend(fontsize=7)
-    _save(fig, path_png, path_pdf)
-
-
-def _save(fig, path_png: Path, path_pdf: Path) -> None:
     fig.tight_layout()
-    for path in (path_png, path_pdf):
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=150)
-    plt.close(fig)
+    save_figure(fig, (path_png, path_pdf))
 
 
 def layer_table(records: list[dict]) -> pd.DataFrame:
@@ -194,8 +189,8 @@ def main(args: StageArgs) -> None:
                 md.append(f"- `{cfg.sweep.baseline}` vs `{name}`: no fact has neurons in either run")
                 continue
             md.append(f"- `{cfg.sweep.baseline}` vs `{name}`: mean Jaccard {s['mean_jaccard']:.4f} (random sets: "
-                      f"{s['chance_jaccard']:.4f}, layer-matched {s['chance_jaccard_layer_matched']:.4f}), median {s['median_jaccard']:.3f} over {s['facts']} facts with neurons "
-                      f"in either run ({s['facts_with_kn_in_both']} in both); {s['facts_sharing_a_neuron']} share at "
+                      f"{s['chance_jaccard']:.4f}, layer-matched {s['chance_jaccard_layer_matched']:.4f}), median "
+                      f"{s['median_jaccard']:.3f} over {s['facts']} facts with neurons in either run ({s['facts_with_kn_in_both']} in both); {s['facts_sharing_a_neuron']} share at "
                       f"least one neuron, {s['facts_identical']} identical; Spearman of per-fact neuron counts "
                       f"{s['kn_count_spearman']:.2f}")
     trend = confidence_trend(table)
