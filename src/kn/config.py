@@ -75,6 +75,7 @@ def flatten_overrides(cfg: DictConfig, sections: Sequence[str]) -> list[str]:
     changes its params and so reruns exactly that stage's jobs.
     """
     out: list[str] = []
+    missing = object()
 
     def walk(prefix: str, node: Any) -> None:
         if isinstance(node, dict):
@@ -86,8 +87,8 @@ def flatten_overrides(cfg: DictConfig, sections: Sequence[str]) -> list[str]:
             out.append(f"{prefix}={_hydra_literal(node)}")
 
     for section in sections:
-        node = OmegaConf.select(cfg, section)
-        if node is None and section not in cfg:
+        node = OmegaConf.select(cfg, section, default=missing)
+        if node is missing:  # a null value is a value (e.g. data.max_facts_per_relation: null = every fact)
             raise ConfigError(f"config has no section {section!r}")
         walk(section, to_container(node))
     return out
