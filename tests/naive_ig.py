@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from kn.hooks import capture_activations, ffn_hooks
-from kn.models.arch import num_ffn_layers
+from kn.models.adapters import adapter_for
 from kn.models.encoding import EncodedPrompts
 
 ALPHA_OFFSET = {"left": 0.0, "right": 1.0, "midpoint": 0.5}
@@ -34,7 +34,7 @@ def naive_ig(
 ) -> Tensor:
     """IG scores [n_prompts, len(layers), ffn], float32 on CPU."""
     device = next(model.parameters()).device
-    chosen = list(range(num_ffn_layers(model))) if layers is None else list(layers)
+    chosen = list(range(adapter_for(model).n_layers)) if layers is None else list(layers)
     pad_id = model.config.pad_token_id or 0
     multipliers = torch.arange(m, dtype=torch.float32, device=device) + ALPHA_OFFSET[alpha_rule]
     results = []

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kn.tables import neuron_lists
 from kn.analysis import average_kn_per_fact, fact_sets, inter_relation_sharing, intra_relation_sharing, layer_distribution
 
 A, B, C, D = (0, 1), (1, 2), (2, 3), (2, 4)
@@ -21,10 +22,12 @@ SETS = {
 
 
 def test_fact_sets_index_by_fact_id_and_keep_empty_facts() -> None:
-    rows = pd.DataFrame({"fact_id": [2, 0, 2], "layer": [1, 0, 2], "neuron": [2, 1, 3], "order": [0, 0, 1]})
-    assert fact_sets(rows, 4) == [frozenset({A}), frozenset(), frozenset({B, C}), frozenset()]
-    with pytest.raises(ValueError, match="fact_id 2"):
-        fact_sets(rows, 2)
+    rows = pd.DataFrame({"relation": "P1", "method": "ig", "fact_id": [2, 0, 2], "layer": [1, 0, 2], "neuron": [2, 1, 3],
+                         "order": [0, 0, 1]})
+    lists = neuron_lists(rows, "ig")
+    assert fact_sets(lists, range(4)) == [frozenset({A}), frozenset(), frozenset({B, C}), frozenset()]
+    with pytest.raises(ValueError, match=r"fact_id\(s\) \[2\]"):
+        fact_sets(lists, range(2))
 
 
 def test_average_counts_zero_kn_facts() -> None:

@@ -5,16 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForMaskedLM,
-    DistilBertConfig,
-    DistilBertForMaskedLM,
-    ElectraConfig,
-    ElectraForMaskedLM,
-    RobertaConfig,
-    RobertaForMaskedLM,
-)
 
 import kn.attribution as attribution
 from kn.attribution import activation_scores, alpha_steps, ig_attribution, sparsify
@@ -22,44 +12,9 @@ from kn.hooks import capture_activations, scale_neurons
 from kn.models.encoding import EncodedPrompts
 
 from .naive_ig import naive_ig
+from .tiny_models import frozen, tiny
 
 TOLERANCE = 1e-4  # max |fast - naive| / max |naive|, per prompt and layer (fp32)
-
-
-def frozen(model: nn.Module) -> nn.Module:
-    """Eval mode, no parameter gradients: what kn.models.load_masked_lm returns."""
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model
-
-
-def tiny(kind: str, layers: int = 3, hidden: int = 32, ffn: int = 64, vocab: int = 60, heads: int = 2,
-         init: float = 0.2) -> nn.Module:
-    """Random tiny masked LMs with room for 128 positions (the reference pads to 128).
-
-    ``init`` 0.2 (BERT uses 0.02) makes a narrow random network far from linear, so the
-    gradients differ between alphas and the comparison has something to bite on. Wider
-    networks get chaotic at 0.2 (fp32 itself is then off by ~5e-4 from float64 in both
-    implementations), so the kn-tiny-shaped model uses 0.05.
-    """
-    torch.manual_seed(0)
-    common = dict(vocab_size=vocab, initializer_range=init)
-    if kind == "bert":
-        return frozen(BertForMaskedLM(BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                                                  intermediate_size=ffn, max_position_embeddings=128, **common)))
-    if kind == "roberta":
-        return frozen(RobertaForMaskedLM(RobertaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                                                        intermediate_size=ffn, max_position_embeddings=130, pad_token_id=1,
-                                                        bos_token_id=0, eos_token_id=2, **common)))
-    if kind == "electra":
-        return frozen(ElectraForMaskedLM(ElectraConfig(hidden_size=hidden, embedding_size=hidden // 2, num_hidden_layers=layers,
-                                                        num_attention_heads=heads, intermediate_size=ffn,
-                                                        max_position_embeddings=128, **common)))
-    if kind == "distilbert":
-        return frozen(DistilBertForMaskedLM(DistilBertConfig(dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=ffn,
-                                                              max_position_embeddings=128, **common)))
-    raise ValueError(kind)
 
 
 def prompts(vocab: int, lengths=(7, 12, 5, 9), seed: int = 1) -> tuple[EncodedPrompts, torch.Tensor]:

@@ -16,7 +16,7 @@ import pytest
 from kn.config import ConfigError, compose_config
 from kn.data.pararel import build_bags
 from kn.io import read_parquet, write_parquet
-from kn.stages import attribute, ingest, probe
+from kn.stages import attribute, ingest_relation, probe
 from kn.stages.cli import run_stage
 
 from .conftest import RESOURCES
@@ -26,7 +26,7 @@ from .snakemake_runs import REPO, offline_env, run_snakemake
 def _stage_error(main, argv: list[str]) -> str:
     """The one line a stage CLI exits with."""
     with pytest.raises(SystemExit) as info:
-        run_stage(main, "test", argv)
+        run_stage(main, argv)
     return str(info.value.code)
 
 
@@ -48,7 +48,7 @@ def broken_patterns(tmp_path: Path) -> Path:
 def test_malformed_pattern_file_reaches_the_cli_user(broken_patterns: Path, tmp_path: Path) -> None:
     out = tmp_path / "P101.parquet"
     result = subprocess.run(
-        [sys.executable, "-m", "kn.stages.ingest", "--relation", "P101", "--out", f"prompts={out}",
+        [sys.executable, "-m", "kn.stages.ingest_relation", "--relation", "P101", "--out", f"prompts={out}",
          f"data.resources_dir={broken_patterns}"],
         cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=120, check=False,
     )
@@ -73,7 +73,7 @@ def test_fact_file_that_is_not_json_is_named(tmp_path: Path) -> None:
     root = tmp_path / "pararel"
     shutil.copytree(RESOURCES, root, ignore=shutil.ignore_patterns("*.gz"))
     (root / "query_pairs.json").write_text('{"P101": [["Alan Turing", "logic"],\n')
-    message = _stage_error(ingest.main, ["--relation", "P101", "--out", f"prompts={tmp_path / 'x.parquet'}",
+    message = _stage_error(ingest_relation.main, ["--relation", "P101", "--out", f"prompts={tmp_path / 'x.parquet'}",
                                          f"data.resources_dir={root}"])
     assert "query_pairs.json:2: malformed JSON" in message
 
@@ -82,7 +82,7 @@ def test_fact_file_that_is_not_json_is_named(tmp_path: Path) -> None:
 
 
 def test_unknown_relation_lists_the_valid_ids(tmp_path: Path) -> None:
-    message = _stage_error(ingest.main, ["--relation", "P9999", "--out", f"prompts={tmp_path / 'x.parquet'}"])
+    message = _stage_error(ingest_relation.main, ["--relation", "P9999", "--out", f"prompts={tmp_path / 'x.parquet'}"])
     assert "unknown relation(s) ['P9999']" in message and "valid ids: P101 P103" in message
 
 
@@ -102,7 +102,7 @@ def test_unknown_relation_stops_snakemake(tmp_path: Path) -> None:
     ],
 )
 def test_empty_selection_of_facts(override: str, expected: str, tmp_path: Path) -> None:
-    message = _stage_error(ingest.main, ["--relation", "P101", "--out", f"prompts={tmp_path / 'x.parquet'}", override])
+    message = _stage_error(ingest_relation.main, ["--relation", "P101", "--out", f"prompts={tmp_path / 'x.parquet'}", override])
     assert expected in message
 
 
@@ -130,7 +130,7 @@ def test_relations_of_the_wrong_type() -> None:
     ],
 )
 def test_bad_config_key_is_named_by_the_stage_cli(override: str, expected: str, tmp_path: Path) -> None:
-    message = _stage_error(ingest.main, ["--relation", "P101", "--out", f"prompts={tmp_path / 'x.parquet'}", override])
+    message = _stage_error(ingest_relation.main, ["--relation", "P101", "--out", f"prompts={tmp_path / 'x.parquet'}", override])
     assert message.startswith("config error: ") and expected in message
     assert "full_key" not in message and "+ig.mm" not in message  # no OmegaConf debug lines, no Hydra '+' advice
 
@@ -204,7 +204,7 @@ def test_model_without_a_masked_lm_head(p937_data: Path, tmp_path: Path, tiny_be
 def test_multi_token_objects_are_skipped_and_counted(
     p937_data: Path, tmp_path: Path, tiny_bert_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run_stage(attribute.main, "attribute", _attribute_argv(p937_data, tmp_path, tiny_bert_dir, 1))  # facts 2, 3
+    run_stage(attribute.main, _attribute_argv(p937_data, tmp_path, tiny_bert_dir, 1))  # facts 2, 3
     table = read_parquet(tmp_path / "prompts.parquet")
     skipped = table[table["gold_id"] == -1]
     assert set(skipped["fact_id"]) == {3} and len(skipped) == 5  # Gloucester: one row per template, kept, marked
@@ -218,7 +218,7 @@ def test_probe_skips_and_counts_multi_token_objects(
     p937_data: Path, tmp_path: Path, tiny_bert_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "probe.parquet"
-    run_stage(probe.main, "probe", ["--relation", "P937", "--in", f"data={p937_data}", "--out", f"probe={out}",
+    run_stage(probe.main, ["--relation", "P937", "--in", f"data={p937_data}", "--out", f"probe={out}",
                                     "model=hf", "model.name=tiny", f"model.path={tiny_bert_dir}"])
     table = read_parquet(out)
     assert set(table.loc[table["skipped"], "fact_id"]) == {3} and int(table["skipped"].sum()) == 5

@@ -14,14 +14,11 @@ import pytest
 import torch
 
 from kn.editing import (
-    Fact,
     PromptScorer,
     erase_relation,
     erased_value_slots,
-    facts_from_table,
     keep_uncommon_neurons,
     mask_logits,
-    kn_lists_from_table,
     neuron_fact_counts,
     run_update,
     sample_updates,
@@ -31,7 +28,14 @@ from kn.editing import (
     UpdatePlan,
 )
 from kn.hooks import edited_value_slots
-from kn.models import load_masked_lm, object_token_id, value_projections
+from kn.models import adapter_for, load_masked_lm, object_token_id
+from kn.tables import NEURONS, Fact, facts_of, neuron_lists, studied_rows
+
+
+def value_projections(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """Each layer's down projection (weight [hidden, units]: column i is neuron i's value slot)."""
+    adapter = adapter_for(model)
+    return [adapter.value_projection(layer) for layer in range(adapter.n_layers)]
 
 
 @pytest.fixture(scope="module")
@@ -308,24 +312,26 @@ def test_single_object_relation_is_skipped_without_draws():
 def test_inputs_from_tables_and_bad_input():
     prompts = pd.DataFrame(
         {
-            "relation": ["P1"] * 5, "fact_id": [0, 0, 1, 1, 2], "subject": ["x", "x", "y", "y", "z"],
-            "object": ["Paris", "Paris", "Rome", "Rome", "Paris"], "template_id": [1, 0, 0, 1, 0],
+            "relation": ["P1"] * 5, "relation_label": ["r"] * 5, "lama_type": ["N-1"] * 5, "fact_id": [0, 0, 1, 1, 2],
+            "subject": ["x", "x", "y", "y", "z"], "object": ["Paris", "Paris", "Rome", "Rome", "Paris"],
+            "template_id": [1, 0, 0, 1, 0], "template": ["t"] * 5,
             "prompt": ["x b [MASK]", "x a [MASK]", "y a [MASK]", "y b [MASK]", "z a [MASK]"],
         }
     )
-    facts = facts_from_table(prompts, 2, "P1.parquet")
+    facts = facts_of(studied_rows(prompts, 2), "P1.parquet")
     assert [f.prompts for f in facts] == [("x a [MASK]", "x b [MASK]"), ("y a [MASK]", "y b [MASK]")]
     with pytest.raises(ValueError, match=r"P1.parquet: fact_id 1 is missing"):
-        facts_from_table(prompts[prompts.fact_id != 1], None, "P1.parquet")
+        facts_of(prompts[prompts.fact_id != 1], "P1.parquet")
     with pytest.raises(ValueError, match=r"missing columns \['prompt'\]"):
-        facts_from_table(prompts.drop(columns="prompt"), None, "P1.parquet")
+        facts_of(prompts.drop(columns="prompt"), "P1.parquet")
     neurons = pd.DataFrame(
         {"relation": ["P1"] * 4, "method": ["ig", "ig", "base", "ig"], "fact_id": [1, 1, 0, 5],
          "layer": [1, 0, 0, 0], "neuron": [4, 9, 1, 2], "order": [1, 0, 0, 0]}
     )
-    assert kn_lists_from_table(neurons, "P1", 3, "n.parquet") == [[], [(0, 9), (1, 4)], []]
-    with pytest.raises(ValueError, match=r"n.parquet: rows of relations \['P2'\]"):
-        kn_lists_from_table(neurons.assign(relation="P2"), "P1", 3, "n.parquet")
+    lists = neuron_lists(neurons, "ig", "n.parquet")
+    assert [lists.get(fact, []) for fact in range(3)] == [[], [(0, 9), (1, 4)], []]
+    with pytest.raises(ValueError, match=r"n.parquet: holds relation\(s\) \['P2'\]; expected only P1"):
+        NEURONS.check(neurons.assign(relation="P2"), "n.parquet", "P1")
 
 
 # ----------------------------------------------------------------------------- metrics against plain forward passes

@@ -58,8 +58,9 @@ def _shard_files(results: Path) -> list[Path]:
 
 
 def _final_files(results: Path) -> list[Path]:
-    """Every result file under a final (non-hidden) name; logs and benchmarks are Snakemake's."""
-    skip = {"logs", "benchmarks"}
+    """Every result file under a final (non-hidden) name; logs and benchmarks are Snakemake's, and each
+    run's whole-config record is named by a hash of its config (which includes results_dir)."""
+    skip = {"logs", "benchmarks", "run_configs"}
     return sorted(
         p for p in results.rglob("*")
         if p.is_file() and not skip & set(p.relative_to(results).parts) and not p.name.startswith(".")
@@ -85,7 +86,8 @@ def _run(results: Path, model_dir: Path, *options: str) -> str:
 
 def _provenance(path: Path) -> dict:
     record = read_provenance(path)
-    record["config"].pop("results_dir")
+    record["config"].pop("results_dir", None)
+    record.pop("run_config")  # the whole config's hash covers results_dir
     return record
 
 
@@ -234,9 +236,10 @@ def test_damaged_page_stops_the_consumer_with_the_file_and_the_fix(reference: Pa
     page = bytearray(copies[0].read_bytes())
     page[4:64] = b"\xff" * 60  # the first page header
     copies[0].write_bytes(bytes(page))
-    inputs = [f"--in=scores{k:03d}={path}" for k, path in enumerate(copies)]
+    inputs = [flag for k, path in enumerate(copies) for flag in (
+        f"--in=scores:{k:03d}={path}", f"--in=prompts:{k:03d}={path.with_name(path.name.replace('.parquet', '.prompts.parquet'))}")]
     with pytest.raises(SystemExit) as info:
-        run_stage(refine.main, "refine", ["--relation", RELATION, *inputs,
+        run_stage(refine.main, ["--relation", RELATION, *inputs,
                                           f"--out=neurons={tmp_path / 'n.parquet'}", f"--out=summary={tmp_path / 'n.json'}"])
     message = str(info.value.code)
     assert message.startswith(f"error: {copies[0]}: unreadable parquet file") and message.endswith("delete it and rerun its job")

@@ -20,10 +20,10 @@ from kn.interventions import (
     layer_matched_random,
     rank_by_attribution,
     ratio_of_averages,
-    scale_neurons_per_row,
     summarize,
     summarize_dose,
 )
+from kn.hooks import scale_neurons_per_row as scale_rows
 from kn.models import encode_prompts, load_masked_lm
 
 PROMPTS = ["Paris is the capital of [MASK] .", "[MASK] is located in Germany .", "Alan Turing works in the field of [MASK] ."]
@@ -37,6 +37,11 @@ def tiny(tiny_bert_dir: Path):
     ids, mask = encoded.padded(tokenizer.pad_token_id)
     positions = torch.tensor(encoded.mask_positions)
     return model, tokenizer, encoded, ids, mask, positions
+
+
+def scale_neurons_per_row(model, rows: list[Intervention], positions: torch.Tensor):
+    """kn.hooks.scale_neurons_per_row for a batch of interventions (row r: its neurons and factor)."""
+    return scale_rows(model, [row.neurons for row in rows], [row.factor for row in rows], positions)
 
 
 def mask_logits(model, ids, mask, positions) -> torch.Tensor:
@@ -72,21 +77,21 @@ def test_interventions_restore_model_exactly_also_on_exception(tiny) -> None:
     after = mask_logits(model, ids, mask, positions)
     assert torch.equal(before, after)
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
-    assert all(not m._forward_hooks for m in model.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 def test_gold_probabilities_full_softmax_dedup_and_batching(tiny) -> None:
     model, tokenizer, encoded, ids, mask, positions = tiny
     gold = [tokenizer.convert_tokens_to_ids(w) for w in ("France", "Berlin", "logic")]
     rows = [Intervention(0), Intervention(1), Intervention(2), Intervention(1, ((1, 4),), 0.0), Intervention(0)]
-    probs = gold_probabilities(model, encoded, gold, rows, pad_id=tokenizer.pad_token_id, batch_size=2)
+    probs = gold_probabilities(model, encoded, gold, rows, batch_size=2)
     expected = torch.softmax(mask_logits(model, ids, mask, positions), dim=-1)[torch.arange(3), torch.tensor(gold)]
     np.testing.assert_allclose(probs[:3], expected.numpy(), rtol=1e-5)
     assert probs[4] == probs[0]
     with scale_neurons(model, [(1, 4)], 0.0, positions[1:2]):
         direct = torch.softmax(mask_logits(model, ids[1:2], mask[1:2], positions[1:2]), -1)[0, gold[1]]
     assert probs[3] == pytest.approx(float(direct), rel=1e-5)
-    single = gold_probabilities(model, encoded, gold, rows, pad_id=tokenizer.pad_token_id, batch_size=1)
+    single = gold_probabilities(model, encoded, gold, rows, batch_size=1)
     np.testing.assert_allclose(single, probs, rtol=1e-5)
 
 
@@ -192,7 +197,7 @@ def test_evaluate_relation_rows_match_direct_forward_passes(tiny) -> None:
     kn = {"ig": {0: [(1, 3), (0, 2)]}, "base": {}}
     inputs = EvaluationInputs("P1", encoded, gold, prompts, [0], {0: ("P2", 0)}, kn, {"ig": {0: [(1, 3), (0, 2), (1, 9)]}})
     results, dose = evaluate_relation(model, inputs, suppress_factor=0.0, amplify_factor=2.0, dose_ks=[1, 2, 5],
-                                      pad_id=tokenizer.pad_token_id, batch_size=4)
+                                      batch_size=4)
     assert len(results) == 3 * 2  # (2 own + 1 other prompt) x 2 methods
     base = results[results.method == "base"]
     assert (base.p_suppress == base.p0).all() and (base.p_amplify == base.p0).all() and (base.n_neurons == 0).all()

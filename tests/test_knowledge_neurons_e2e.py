@@ -44,8 +44,7 @@ def refined(scores: torch.Tensor, prompts: pd.DataFrame, t: float) -> dict[int, 
 
 def test_construction_predicts_the_facts(fact_model) -> None:
     model, tokenizer, prompts, encoded, gold = fact_model
-    probs = gold_probabilities(model, encoded, gold.tolist(), [Intervention(i) for i in range(len(prompts))],
-                               pad_id=tokenizer.pad_token_id)
+    probs = gold_probabilities(model, encoded, gold.tolist(), [Intervention(i) for i in range(len(prompts))])
     assert (probs > 0.3).all(), probs  # a memorised fact, far above 1 / vocabulary
 
 
@@ -68,7 +67,7 @@ def test_suppress_lowers_and_amplify_raises_only_the_own_fact(fact_model) -> Non
     for i, fact in enumerate(prompts["fact_id"]):
         for neurons in (units[fact], units[1 - fact]):  # own KN, then the other fact's KN
             rows += [Intervention(i), Intervention(i, neurons, 0.0), Intervention(i, neurons, 2.0)]
-    probs = gold_probabilities(model, encoded, gold.tolist(), rows, pad_id=tokenizer.pad_token_id).reshape(-1, 2, 3)
+    probs = gold_probabilities(model, encoded, gold.tolist(), rows).reshape(-1, 2, 3)
     own, other = probs[:, 0], probs[:, 1]
     assert (own[:, 1] < 0.5 * own[:, 0]).all(), own  # suppressing its neuron at least halves P(gold)
     assert (own[:, 2] > own[:, 0]).all(), own

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kn.models.load import load_masked_lm
+from kn.tables import PROBE
 from kn.probe import (
-    PROBE_COLUMNS,
     accuracy_summary,
     overall_row,
     probe_relation,
@@ -72,7 +72,7 @@ def test_probe_table_follows_the_contract(tiny):
     preds = [reference(model, tokenizer, p, 0)[2] for p in PROMPTS]
     objects = [tokenizer.convert_ids_to_tokens(preds[0]), "Paris", "Atlantis", "Berlin", "Italy"]
     table = probe_relation(model, tokenizer, prompt_rows(objects), heldout_templates=[1])
-    assert list(table.columns) == PROBE_COLUMNS
+    assert list(table.columns) == PROBE.columns
     assert table["gold_id"].dtype == np.int32 and table["heldout"].dtype == bool
     assert table["heldout"].tolist() == [t == 1 for t in prompt_rows(objects)["template_id"]]
     assert table["pred_token"].tolist() == tokenizer.convert_ids_to_tokens(preds)

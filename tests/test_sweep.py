@@ -14,6 +14,7 @@ from kn.sweep import (
     chance_jaccard,
     collect_variant,
     confidence_trend,
+    job_seconds,
     effect_holds,
     factor_axes,
     layer_matched_chance_jaccard,
@@ -58,35 +59,25 @@ def test_variant_overrides_names_missing_keys():
 
 
 def test_collect_variant_reads_the_run_files(tmp_path):
-    model_dir = tmp_path / "kn-tiny"
-    (model_dir / "training").mkdir(parents=True)
-    (model_dir / "analysis").mkdir()
-    (model_dir / "evaluate").mkdir()
-    (model_dir / "neurons").mkdir()
-    (model_dir / "attributions" / "P1").mkdir(parents=True)
-    (model_dir / "training" / "metrics.json").write_text(json.dumps({
-        "overall": {"train_accuracy": 0.9, "heldout_accuracy": 0.8, "majority_baseline": 0.2},
-        "training": {"steps": 100, "wall_seconds": 12.5}, "data": {"parameters": 1234}}))
-    (model_dir / "analysis" / "kn_stats.json").write_text(json.dumps({
-        "methods": {m: {"avg_kn_per_fact": v, "n_facts_without_kn": 1} for m, v in (("ig", 3.0), ("base", 4.0))},
-        "layer_share": {"ig": [0.25, 0.75], "base": [0.5, 0.5]}}))
-    for rel, p, ok in (("P1", 0.75, True),):
-        (model_dir / "neurons" / f"{rel}.json").write_text(json.dumps(
-            {"ig": {"p": p, "in_target": ok}, "base": {"p": 0.7, "in_target": False}}))
-    pd.DataFrame({"gold_prob": [0.2, 0.4]}).to_parquet(model_dir / "attributions" / "P1" / "000.prompts.parquet")
-    pd.DataFrame({"gold_prob": [0.6]}).to_parquet(model_dir / "attributions" / "P1" / "001.prompts.parquet")
+    metrics = {"overall": {"train_accuracy": 0.9, "heldout_accuracy": 0.8, "majority_baseline": 0.2},
+               "training": {"steps": 100, "wall_seconds": 12.5}, "data": {"parameters": 1234}}
+    kn_stats = {"methods": {m: {"avg_kn_per_fact": v, "n_facts_without_kn": 1} for m, v in (("ig", 3.0), ("base", 4.0))},
+                "layer_share": {"ig": [0.25, 0.75], "base": [0.5, 0.5]}}
+    records = {rel: {"ig": {"p": p, "in_target": ok}, "base": {"p": 0.7, "in_target": False}, "n_layers": 2, "ffn_size": 8}
+               for rel, p, ok in (("P1", 0.75, True),)}
+    gold_probs = pd.concat([pd.Series([0.2, 0.4]), pd.Series([0.6])], ignore_index=True)
     summary = pd.DataFrame([
         ("mean", "ig", "suppress_own", "all", -0.3, -0.4, -0.2, 2),
         ("mean", "random", "suppress_own", "all", -0.01, -0.02, 0.0, 2),
         ("P1", "ig", "suppress_own", "all", -0.9, -1.0, -0.8, 2),
         ("mean", "ig", "suppress_own", "with_kn", -0.5, -0.6, -0.4, 1),
     ], columns=["relation", "method", "metric", "variant", "ratio", "ci_low", "ci_high", "n_facts"])
-    summary.to_csv(model_dir / "evaluate" / "summary.csv", index=False)
     (tmp_path / "benchmarks" / "train").mkdir(parents=True)
     pd.DataFrame({"s": [10.5], "max_rss": [1.0]}).to_csv(tmp_path / "benchmarks" / "train" / "model.tsv", sep="\t", index=False)
     pd.DataFrame({"s": [2.0], "max_rss": [1.0]}).to_csv(tmp_path / "benchmarks" / "ig.tsv", sep="\t", index=False)
+    seconds = job_seconds([tmp_path / "benchmarks" / "train" / "model.tsv", tmp_path / "benchmarks" / "ig.tsv"])
 
-    record = collect_variant(model_dir, ["P1"])
+    record = collect_variant(metrics, kn_stats, summary, gold_probs, records, seconds)
     assert record["mean_gold_prob"] == pytest.approx(0.4)
     assert record["suppress_own_ig"] == -0.3 and record["suppress_own_ig_ci_low"] == -0.4
     assert record["suppress_own_random"] == -0.01
@@ -97,13 +88,12 @@ def test_collect_variant_reads_the_run_files(tmp_path):
     assert record["ig_top_layer_share"] == 0.75 and not math.isnan(record["heldout_accuracy"])
     assert record["ig_layer_share"] == [0.25, 0.75]
     assert record["job_seconds"] == pytest.approx(12.5)
+    assert (record["n_layers"], record["ffn_size"]) == (2, 8)
 
 
 def test_collect_variant_without_benchmarks_names_the_folder(tmp_path):
-    from kn.sweep import job_seconds
-
     with pytest.raises(FileNotFoundError, match="no benchmark"):
-        job_seconds(tmp_path / "benchmarks")
+        job_seconds([])
 
 
 def _enumerated_chance_jaccard(n_a, n_b, n_units):

@@ -6,6 +6,8 @@ no KNs hold an empty set), so every statistic counts zero-KN facts as the paper 
 
 from __future__ import annotations
 
+import io
+import math
 import random
 from collections import Counter
 from typing import Mapping, Sequence
@@ -13,8 +15,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 from kn.paper_numbers import paper_status, paper_values
+from kn.tables import METHODS, Neuron
 
-Neuron = tuple[int, int]
 FactSets = Sequence[frozenset[Neuron]]
 
 # SPEC §12: the paper's statistics, with their source markers ([2nd] summaries, [mem] recollection).
@@ -24,14 +26,12 @@ PAPER = {
 }
 
 
-def fact_sets(neurons: pd.DataFrame, n_facts: int) -> list[frozenset[Neuron]]:
-    """One KN set per fact_id 0..n_facts-1 from a refined-neuron table of one relation and method."""
-    sets: list[set[Neuron]] = [set() for _ in range(n_facts)]
-    for fact_id, layer, neuron in zip(neurons["fact_id"], neurons["layer"], neurons["neuron"]):
-        if not 0 <= fact_id < n_facts:
-            raise ValueError(f"neuron row for fact_id {fact_id}, but the relation has {n_facts} facts")
-        sets[int(fact_id)].add((int(layer), int(neuron)))
-    return [frozenset(s) for s in sets]
+def fact_sets(lists: Mapping[int, Sequence[Neuron]], fact_ids: Sequence[int]) -> list[frozenset[Neuron]]:
+    """One KN set per studied fact (in ``fact_ids`` order) from its neuron list (kn.tables.neuron_lists)."""
+    stray = sorted(set(lists) - set(fact_ids))
+    if stray:
+        raise ValueError(f"knowledge neurons for fact_id(s) {stray[:5]}, which are not among the studied facts")
+    return [frozenset(lists.get(int(fact), ())) for fact in fact_ids]
 
 
 def average_kn_per_fact(sets_by_relation: Mapping[str, FactSets]) -> float:
@@ -91,3 +91,79 @@ def inter_relation_sharing(sets_by_relation: Mapping[str, FactSets], draws: int,
                 shared += len(kn & other[rng.randint(0, len(other) - 1)])
                 total += 1
     return shared / total, total
+
+
+def kn_statistics(
+    sets: Mapping[str, Mapping[str, FactSets]], records: Mapping[str, Mapping], n_layers: int, inter_draws: int, seed: int
+) -> tuple[dict[str, dict], dict[str, list[float]]]:
+    """The paper's statistics per method, and the layer shares of each method's pooled neurons.
+
+    ``sets[method][relation]`` are the studied facts' KN sets; ``records[relation]`` the refine
+    records (adaptive p outcome). Inter-relation draws: one stream seeded with ``seed`` per
+    method, so both methods see the same draws (the authors' are unseeded).
+    """
+    stats: dict[str, dict] = {}
+    shares: dict[str, list[float]] = {}
+    for method in METHODS:
+        by_relation = sets[method]
+        intra, n_pairs = intra_relation_sharing(by_relation)
+        inter, n_draws = inter_relation_sharing(by_relation, inter_draws, random.Random(seed))
+        stats[method] = {
+            "avg_kn_per_fact": average_kn_per_fact(by_relation),
+            "intra_shared": None if math.isnan(intra) else intra,  # null: no pairs (strict JSON has no NaN)
+            "intra_pairs": n_pairs,
+            "inter_shared": None if math.isnan(inter) else inter,  # null: fewer than two relations
+            "inter_draws": n_draws,
+            "n_facts": sum(len(s) for s in by_relation.values()),
+            "n_facts_without_kn": sum(1 for s in by_relation.values() for kn in s if not kn),
+            "n_facts_without_attribution": sum(len(records[r].get("facts_without_attribution", [])) for r in by_relation),
+            "relations_not_in_target": [r for r in sorted(records) if not records[r][method]["in_target"]],
+        }
+        shares[method] = layer_distribution(by_relation, n_layers).tolist()
+    return stats, shares
+
+
+def statistics_tables(stats: Mapping[str, dict], records: Mapping[str, Mapping], shares: Mapping[str, list[float]]
+                      ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(ours vs baseline vs paper, per relation adaptive-p outcome, layer shares) as tables."""
+    table = pd.DataFrame(
+        [
+            {"metric": metric, "ours": stats["ig"][metric], "baseline": stats["base"][metric],
+             "paper_ours": PAPER[metric]["ig"], "paper_baseline": PAPER[metric]["base"], "paper_source": PAPER[metric]["source"]}
+            for metric in ("avg_kn_per_fact", "intra_shared", "inter_shared")
+        ]
+    )
+    per_relation = pd.DataFrame(
+        [
+            {"relation": rel, "method": method, "n_facts": rec[method]["n_facts"], "avg_kn": rec[method]["avg_kn"],
+             "p": rec[method]["p"], "in_target": rec[method]["in_target"], "evaluations": len(rec[method]["evaluations"]),
+             "relation_level": len(rec[method]["relation_level"])}
+            for rel, rec in sorted(records.items()) for method in METHODS
+        ]
+    )
+    n_layers = len(shares["ig"])
+    layers = pd.DataFrame({"layer": range(1, n_layers + 1), "ig_share": shares["ig"], "base_share": shares["base"]})
+    return table, per_relation, layers
+
+
+def statistics_markdown(table: pd.DataFrame, stats: Mapping[str, dict], layers: pd.DataFrame) -> str:
+    """Ours vs baseline vs the paper (SPEC §12), plus the layer shares."""
+    out = io.StringIO()
+    out.write("# Knowledge-neuron statistics (SPEC §4)\n\n")
+    out.write("| metric | ours (IG) | baseline | paper ours | paper baseline | paper source |\n|---|---|---|---|---|---|\n")
+    for row in table.itertuples():
+        out.write(f"| {row.metric} | {_number(row.ours)} | {_number(row.baseline)} | {row.paper_ours} | {row.paper_baseline} | "
+                  f"{row.paper_source} |\n")
+    for method, label in (("ig", "IG"), ("base", "baseline")):
+        s = stats[method]
+        out.write(f"\n{label}: {s['n_facts']} facts ({s['n_facts_without_kn']} without KNs), {s['intra_pairs']} "
+                  f"intra-relation pairs, {s['inter_draws']} inter-relation draws; relations whose adaptive p never "
+                  f"reached the target: {', '.join(s['relations_not_in_target']) or 'none'}.\n")
+    out.write("\n| layer | share of IG KNs | share of baseline KNs |\n|---|---|---|\n")
+    for row in layers.itertuples():
+        out.write(f"| {row.layer} | {row.ig_share:.1%} | {row.base_share:.1%} |\n")
+    return out.getvalue()
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{value:.3f}"

@@ -39,10 +39,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from kn.hooks import capture_activations
-from kn.models.arch import num_ffn_layers
-from kn.models.blocks import EncoderBlock, attention_bias, encoder_blocks, mlm_head
-from kn.models.encoding import EncodedPrompts
+from transformers import PreTrainedTokenizerBase
+
+from kn.models.adapters import adapter_for, model_device
+from kn.models.blocks import EncoderBlock, attention_bias
+from kn.models.encoding import EncodedPrompts, encode_prompts, object_token_id
+from kn.models.forward import target_passes
+from kn.tables import SCORES
 
 log = logging.getLogger("kn.attribution")
 
@@ -72,12 +75,8 @@ def alpha_steps(m: int, alpha_rule: str) -> Tensor:
     return torch.arange(m, dtype=torch.float32) + ALPHA_OFFSETS[alpha_rule]
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _layer_list(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
-    n_layers = num_ffn_layers(model)
+    n_layers = adapter_for(model).n_layers
     chosen = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
     bad = [layer for layer in chosen if not 0 <= layer < n_layers]
     if bad:
@@ -97,33 +96,6 @@ def _check_targets(encoded: EncodedPrompts, target_ids: Tensor, vocab_size: int)
     return target_ids
 
 
-def _chunks_by_length(encoded: EncodedPrompts, size: int) -> list[list[int]]:
-    """Prompt indices, shortest first (stable), in chunks of ``size``: padding stays minimal."""
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]))
-    return [order[start : start + size] for start in range(0, len(order), size)]
-
-
-def _pad(model: nn.Module, encoded: EncodedPrompts, chunk: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """(input_ids [B, T], attention mask [B, T], [MASK] positions [B]) for a chunk, on the model's device."""
-    pad_id = getattr(model.config, "pad_token_id", None)
-    sub = EncodedPrompts([encoded.input_ids[i] for i in chunk], [encoded.mask_positions[i] for i in chunk])
-    ids, mask = sub.padded(0 if pad_id is None else int(pad_id), _device(model))
-    return ids, mask, torch.tensor(sub.mask_positions, dtype=torch.long, device=ids.device)
-
-
-def _plain_forward(
-    model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor, layers: Sequence[int]
-) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
-    """Unmodified HF forward: (hidden states: embeddings + every block's output, activations at
-    [MASK] [B, len(layers), F], logits at [MASK] [B, V]). The MLM head runs on the [MASK] rows only."""
-    rows = torch.arange(ids.shape[0], device=ids.device)
-    with torch.no_grad(), capture_activations(model, positions, layers) as captured:
-        out = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        logits = mlm_head(model)(out.hidden_states[-1][rows, positions])
-    activations = torch.stack([captured[layer] for layer in layers], dim=1)
-    return out.hidden_states, activations, logits
-
-
 def activation_scores(
     model: nn.Module,
     encoded: EncodedPrompts,
@@ -137,24 +109,23 @@ def activation_scores(
     chosen = _layer_list(model, layers)
     vocab = int(model.config.vocab_size)
     targets = None if target_ids is None else _check_targets(encoded, target_ids, vocab)
-    n, ffn = len(encoded), None
+    n = len(encoded)
+    if not n:
+        raise ValueError("no prompts to score")
     activations: Tensor | None = None
     target_prob = torch.full((n,), float("nan"))
     pred_ids = torch.empty(n, dtype=torch.long)
-    for chunk in _chunks_by_length(encoded, max(1, batch_size)):
-        ids, mask, positions = _pad(model, encoded, chunk)
-        _, acts, logits = _plain_forward(model, ids, mask, positions, chosen)
+    for batch in target_passes(model, encoded, batch_size=max(1, batch_size), capture=chosen):
+        assert batch.activations is not None and batch.logits is not None
         if activations is None:
-            ffn = acts.shape[-1]
-            activations = torch.empty((n, len(chosen), ffn), dtype=torch.float32)
-        index = torch.tensor(chunk)
-        activations[index] = acts.float().cpu()
-        probs = torch.softmax(logits.float(), dim=-1).cpu()
+            activations = torch.empty((n, len(chosen), batch.activations.shape[-1]), dtype=torch.float32)
+        index = torch.tensor(batch.items)
+        activations[index] = batch.activations.float().cpu()
+        probs = torch.softmax(batch.logits, dim=-1).cpu()
         pred_ids[index] = probs.argmax(dim=-1)
         if targets is not None:
-            target_prob[index] = probs[torch.arange(len(chunk)), targets[index]]
-    if activations is None:
-        raise ValueError("no prompts to score")
+            target_prob[index] = probs[torch.arange(len(batch.items)), targets[index]]
+    assert activations is not None
     return PlainPass(activations, target_prob, pred_ids)
 
 
@@ -267,16 +238,17 @@ def ig_attribution(
     steps = alpha_steps(m, alpha_rule)
     if batch_size < 1:
         raise ValueError(f"batch_size = {batch_size}; expected >= 1")
-    device = _device(model)
-    blocks, head = encoder_blocks(model), mlm_head(model)
+    device = model_device(model)
+    adapter = adapter_for(model)
+    blocks, head = adapter.functional_blocks(), adapter.lm_head()
     prompts_per_chunk = max(1, batch_size // m)
     scores: Tensor | None = None
     started = time.perf_counter()
     bar = tqdm(total=len(encoded), desc="integrated gradients", unit="prompt", disable=not progress)
-    for chunk in _chunks_by_length(encoded, prompts_per_chunk):
-        ids, mask, positions = _pad(model, encoded, chunk)
-        hidden, acts, _ = _plain_forward(model, ids, mask, positions, chosen)
-        key_bias = attention_bias(mask)
+    for plain in target_passes(model, encoded, batch_size=prompts_per_chunk, capture=chosen, all_hidden=True):
+        assert plain.hidden_states is not None and plain.activations is not None
+        chunk, hidden, acts, positions = plain.items, plain.hidden_states, plain.activations, plain.positions
+        key_bias = attention_bias(plain.attention_mask)
         if scores is None:
             scores = torch.empty((len(encoded), len(chosen), acts.shape[-1]), dtype=torch.float32)
         targets = targets_all[chunk].to(device)
@@ -335,3 +307,72 @@ def sparsify(scores: Tensor, ratio: float) -> pd.DataFrame:
             "score": scores[prompt, layer, neuron].numpy().astype(np.float32),
         }
     )
+
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def long_scores(sparse: pd.DataFrame, prompts: pd.DataFrame, relation: str, method: str) -> pd.DataFrame:
+    """:func:`sparsify` rows (whose ``prompt`` indexes ``prompts``) as SCORES table rows."""
+    keys = prompts.iloc[sparse["prompt"].to_numpy()]
+    return pd.DataFrame(
+        {
+            "relation": relation,
+            "fact_id": keys["fact_id"].to_numpy(np.int32),
+            "template_id": keys["template_id"].to_numpy(np.int32),
+            "method": method,
+            "layer": sparse["layer"].to_numpy(np.int16),
+            "neuron": sparse["neuron"].to_numpy(np.int32),
+            "score": sparse["score"].to_numpy(np.float32),
+        }
+    )
+
+
+def attribute_prompts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: pd.DataFrame,
+    relation: str,
+    *,
+    m: int,
+    alpha_rule: str,
+    target: str,
+    batch_size: int,
+    dtype: str,
+    storage_ratio: float,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Integrated gradients and the activation baseline for prompt rows of one relation (SPEC §3).
+
+    Returns (the stored scores, one row per prompt: gold / prediction / maxima), as the
+    SCORES and SHARD_PROMPTS tables. Prompts whose object is not one token of the vocabulary
+    are listed with gold_id -1 and not attributed.
+    """
+    gold = {obj: object_token_id(tokenizer, obj) for obj in prompts["object"].unique()}
+    usable = prompts["object"].map(gold).notna().to_numpy()
+    if not usable.all():
+        skipped = sorted(obj for obj, token in gold.items() if token is None)
+        log.warning("%d prompts skipped: object(s) not one token of this vocabulary: %s", int((~usable).sum()), skipped[:10])
+    studied = prompts[usable].reset_index(drop=True)
+    table = prompts[["relation", "fact_id", "template_id"]].assign(
+        gold_id=-1, gold_prob=np.nan, pred_id=-1, pred_token=None, correct=False, ig_max=np.nan, base_max=np.nan
+    )
+    frames = []
+    if len(studied):
+        encoded = encode_prompts(tokenizer, studied["prompt"].tolist())
+        gold_ids = torch.tensor([gold[obj] for obj in studied["object"]], dtype=torch.long)
+        plain = activation_scores(model, encoded, gold_ids, batch_size=batch_size)
+        targets = gold_ids if target == "gold" else plain.pred_ids
+        ig_scores = ig_attribution(model, encoded, targets, m=m, alpha_rule=alpha_rule, batch_size=batch_size,
+                                   dtype=TORCH_DTYPES[dtype])
+        for method, scores in (("ig", ig_scores), ("base", plain.activations)):
+            frames.append(long_scores(sparsify(scores, storage_ratio), studied, relation, method))
+        index = np.flatnonzero(usable)
+        table.loc[index, "gold_id"] = gold_ids.numpy()
+        table.loc[index, "gold_prob"] = plain.target_prob.numpy()
+        table.loc[index, "pred_id"] = plain.pred_ids.numpy()
+        table.loc[index, "pred_token"] = tokenizer.convert_ids_to_tokens(plain.pred_ids.tolist())
+        table.loc[index, "correct"] = (plain.pred_ids == gold_ids).numpy()  # same id <=> same vocabulary string
+        table.loc[index, "ig_max"] = ig_scores.flatten(1).amax(dim=1).numpy()
+        table.loc[index, "base_max"] = plain.activations.flatten(1).amax(dim=1).numpy()
+    scores = pd.concat(frames, ignore_index=True) if frames else SCORES.empty()
+    return scores, table

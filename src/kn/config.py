@@ -7,6 +7,7 @@ The compose API (unlike ``@hydra.main``) never changes directory and never write
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -16,11 +17,15 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from kn.schema import ConfigError, unknown_key_message, validate_config
+
+__all__ = [
+    "ConfigError", "RUN_CONFIG_ENV", "compose_config", "conf_dir", "flatten_overrides",
+    "restrict_config", "run_config_text", "to_container",
+]
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-class ConfigError(ValueError):
-    """A config key or value the pipeline cannot use; the message names it."""
+RUN_CONFIG_ENV = "KN_RUN_CONFIG"  # the Snakefile names its whole resolved config file here for every job
 
 
 def conf_dir() -> Path:
@@ -40,25 +45,42 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     except Exception as exc:  # Hydra's own errors are terse; name the overrides
         unknown = re.match(r"Could not override '([^']+)'", str(exc))
         if unknown:  # Hydra would suggest '+key=value', which the schema then rejects
-            from kn.schema import unknown_key_message
-
             raise ConfigError(f"{unknown_key_message(unknown.group(1))}; overrides: {list(overrides)}") from exc
         raise ConfigError(f"cannot compose config with overrides {list(overrides)}: {exc}") from exc
-    from kn.schema import validate_config
-
-    validate_config(cfg)
+    try:
+        validate_config(cfg)
+    except ConfigError as exc:
+        raise ConfigError(str(exc) + _default_hint(str(exc), overrides)) from exc
     return cfg
 
 
-def model_location(model_cfg: Any, results_dir: str | Path = "results") -> str:
-    """Where the weights live: the trained organism's directory, or the configured id/path.
+def _default_hint(message: str, overrides: Sequence[str]) -> str:
+    """"; its default is X" for the key a type error names, read from conf/ (the schema has no defaults)."""
+    match = re.match(r"config key '([^']+)': ", message)
+    if not match:
+        return ""
+    default = None
+    if overrides:
+        try:
+            default = OmegaConf.select(compose_config([]), match.group(1), default=None)
+        except ConfigError:
+            pass
+    shown = "" if default is None or OmegaConf.is_config(default) else f"; its default is {default!r}"
+    return shown + " (see conf/config.yaml)"
 
-    Kept here, free of torch, because the Snakefile calls it at parse time (and every
-    cluster job re-parses the Snakefile: importing torch there costs seconds per job).
+
+def run_config_text(cfg: DictConfig, overrides: Sequence[str]) -> tuple[str, str]:
+    """(sha256, YAML) of a run's whole resolved config, headed by the overrides that made it.
+
+    The Snakefile writes it once per distinct config as ``<results_dir>/run_configs/<sha256>.yaml``;
+    every job's provenance names that file, so any output can be traced to the full config of
+    the run that wrote it while the job itself only receives the sections it reads.
     """
-    if model_cfg.source == "trained":
-        return str(Path(results_dir) / model_cfg.name / "model")
-    return str(model_cfg.path)
+    import hashlib
+
+    header = "# overrides: " + json.dumps(list(overrides)) + "\n"
+    text = header + OmegaConf.to_yaml(cfg, resolve=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest(), text
 
 
 def to_container(cfg: DictConfig | Any) -> Any:
@@ -91,6 +113,26 @@ def flatten_overrides(cfg: DictConfig, sections: Sequence[str]) -> list[str]:
         if node is missing:  # a null value is a value (e.g. data.max_facts_per_relation: null = every fact)
             raise ConfigError(f"config has no section {section!r}")
         walk(section, to_container(node))
+    return out
+
+
+def restrict_config(cfg: DictConfig, sections: Sequence[str] | None) -> DictConfig:
+    """A read-only copy of ``cfg`` holding only ``sections`` (dotted paths); None keeps everything.
+
+    A stage gets exactly the sections it declares (kn.stages.sections), so reading any other
+    key raises instead of silently using a default the job never received.
+    """
+    if sections is None:
+        return cfg
+    out = OmegaConf.create({})
+    missing = object()
+    for section in sections:
+        value = OmegaConf.select(cfg, section, default=missing)
+        if value is missing:
+            raise ConfigError(f"config has no section {section!r}")
+        OmegaConf.update(out, section, to_container(value), force_add=True)
+    OmegaConf.set_struct(out, True)
+    OmegaConf.set_readonly(out, True)
     return out
 
 

@@ -29,13 +29,13 @@ import logging
 import random
 import re
 from dataclasses import dataclass
-from typing import Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+
+from kn.markdown import format_cell, markdown_table
+from kn.tables import DISTANT_ACTIVATIONS, DISTANT_FACTS, DISTANT_SENTENCES, Neuron
 
 if TYPE_CHECKING:  # torch and transformers load only where a model runs (the aggregation needs neither)
     import torch
@@ -48,7 +48,6 @@ log = logging.getLogger("kn.distant")
 TYPES = ("T1", "T2", "T3")  # head+tail, head only, random
 TYPE_LABELS = {"T1": "containing head and tail", "T2": "only head", "T3": "random"}
 PLACEHOLDER = "@"
-Neuron = tuple[int, int]
 
 
 # ----------------------------------------------------------------------------- masking
@@ -136,14 +135,10 @@ def mask_fact_sentences(
 
 
 def position_limit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_len: int) -> int:
-    """Longest input (special tokens included) the model accepts, at most ``max_len``.
+    """Longest input (special tokens included) the model and its tokenizer accept, at most ``max_len``."""
+    from kn.models.adapters import adapter_for
 
-    RoBERTa-style models offset positions by padding_idx + 1, so they take that many fewer.
-    """
-    config = model.config
-    limit = int(getattr(config, "max_position_embeddings", max_len))
-    if config.model_type in {"roberta", "xlm-roberta", "camembert"}:
-        limit -= int(config.pad_token_id) + 1
+    limit = adapter_for(model).position_limit()
     tokenizer_limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 10**6:
         limit = min(limit, tokenizer_limit)
@@ -204,19 +199,17 @@ def read_activations(
     encoded: EncodedSentences,
     neurons: Sequence[Sequence[Neuron]],
     batch_size: int,
-    device: torch.device | str = "cpu",
     desc: str | None = None,
 ) -> list[np.ndarray]:
     """For sentence k, the activations of ``neurons[k]`` at its [MASK] (float32, in list order).
 
-    One unmodified forward pass of the encoder (the MLM head is not needed) per batch of
-    sentences; sentences are batched by length so little padding is computed, and padding
-    has no numerical effect (SPEC §1). Unreadable sentences (mask cut off) get an empty array.
+    One unmodified forward pass of the encoder per batch (kn.models.forward; the MLM head is
+    not needed). Unreadable sentences (mask cut off) get an empty array.
     """
     import torch
 
-    from kn.hooks import capture_activations
-    from kn.models.encoding import pad_sequences
+    from kn.models.encoding import EncodedPrompts
+    from kn.models.forward import target_passes
 
     wanted = [k for k, pos in enumerate(encoded.mask_positions) if pos >= 0 and len(neurons[k])]
     out = [np.zeros(0, dtype=np.float32) for _ in encoded.input_ids]
@@ -224,20 +217,94 @@ def read_activations(
         return out
     layers = sorted({int(layer) for k in wanted for layer, _ in neurons[k]})
     layer_row = {layer: row for row, layer in enumerate(layers)}
-    order = sorted(wanted, key=lambda k: (len(encoded.input_ids[k]), k))
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, mininterval=5.0):
-        batch = order[start : start + batch_size]
-        ids, attention = pad_sequences([encoded.input_ids[k] for k in batch], pad_id, device)
-        positions = torch.tensor([encoded.mask_positions[k] for k in batch], device=device)
-        with torch.no_grad(), capture_activations(model, positions, layers) as captured:
-            model.base_model(input_ids=ids, attention_mask=attention)
-        stacked = torch.stack([captured[layer] for layer in layers], dim=1).float().cpu()  # [B, L, ffn]
-        for row, k in enumerate(batch):
+    readable = EncodedPrompts([encoded.input_ids[k] for k in wanted], [encoded.mask_positions[k] for k in wanted])
+    for batch in target_passes(model, readable, batch_size=batch_size, capture=layers, logits=False, progress=desc):
+        assert batch.activations is not None
+        stacked = batch.activations.float().cpu()  # [B, L, units]
+        for row, item in enumerate(batch.items):
+            k = wanted[item]
             index_l = torch.tensor([layer_row[int(layer)] for layer, _ in neurons[k]])
             index_i = torch.tensor([int(unit) for _, unit in neurons[k]])
             out[k] = stacked[row, index_l, index_i].numpy().astype(np.float32)
     return out
+
+
+def relation_study(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    relation: str,
+    facts: pd.DataFrame,
+    knowledge_neurons: dict[str, dict[int, list[Neuron]]],
+    bags: dict[tuple[int, str], list[str]],
+    pool: Sequence[str],
+    *,
+    seed: int,
+    max_len: int,
+    max_mask_word: int,
+    head_redraws: int,
+    batch_size: int,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, int]:
+    """Stage 4 for one relation: the (facts, sentences, activations) tables and the cut used.
+
+    ``facts`` has one row per studied fact (fact_id, subject, object); ``knowledge_neurons``
+    maps each method to its facts' neuron lists; ``bags[(fact_id, "th" | "h")]`` are the
+    fact's web sentences and ``pool`` every sentence of every relation (T3). Masks come from
+    one stream per relation seeded with ``f"{seed}/{relation}"`` (see the module doc).
+    """
+    from kn.models.encoding import object_token_id
+
+    methods = list(knowledge_neurons)
+    cut = position_limit(model, tokenizer, max_len)
+    if cut < max_len:
+        log.warning("model takes at most %d positions: sentences are cut there (distant.max_len=%d)", cut, max_len)
+    rng = random.Random(f"{seed}/{relation}")  # str seeds are hashed deterministically (sha512)
+    fact_rows, sentence_rows, sentence_neurons = [], [], []
+    for fact_id, subject, obj in facts[["fact_id", "subject", "object"]].itertuples(index=False):
+        th, h = bags.get((fact_id, "th"), []), bags.get((fact_id, "h"), [])
+        lists = {method: knowledge_neurons[method].get(fact_id, []) for method in methods}
+        status = {m: "no_exmp" if not th or not h else ("no_kn" if not lists[m] else "ok") for m in methods}
+        fact_rows.append(
+            (relation, fact_id, subject, obj, len(th), len(h), tail_piece_count(tokenizer, obj),
+             object_token_id(tokenizer, obj) is not None, len(lists["ig"]), len(lists["base"]), status["ig"],
+             status["base"])
+        )  # fmt: skip
+        if not th or not h:
+            continue
+        union = list(dict.fromkeys(neuron for m in methods for neuron in lists[m]))
+        for masked in mask_fact_sentences(subject, obj, th, h, pool, rng, max_mask_word, head_redraws):
+            sentence_rows.append((relation, fact_id, masked.type, masked.sentence_idx, masked.source_idx, masked.text,
+                                  masked.masked_word))
+            sentence_neurons.append(union)
+
+    sentences = pd.DataFrame(sentence_rows, columns=DISTANT_SENTENCES.columns[:7])
+    found = sentences["text"].notna().to_numpy()
+    encoded = encode_sentences(tokenizer, sentences.loc[found, "text"].tolist(), cut)
+    for column, values in (("n_pieces", encoded.n_pieces), ("n_unk", encoded.n_unk), ("truncated", encoded.truncated)):
+        sentences[column] = pd.Series(values, index=sentences.index[found])
+        sentences[column] = sentences[column].fillna(0 if column != "truncated" else False)
+    sentences["readable"] = False
+    sentences.loc[found, "readable"] = encoded.readable
+    sentences["max_len"] = cut
+    log.info(
+        "%s: %d studied facts, %d sentences (%d tail not found, %d truncated, %d [MASK] cut off), max_len %d",
+        relation, len(facts), len(sentences), int((~found).sum()), int(sentences["truncated"].sum()),
+        int(found.sum() - sum(encoded.readable)), cut,
+    )  # fmt: skip
+
+    found_neurons = [n for n, ok in zip(sentence_neurons, found) if ok]
+    values = read_activations(model, encoded, found_neurons, batch_size, desc=f"{relation} sentences")
+    activation_rows = []
+    found_rows = (row for row, ok in zip(sentences.itertuples(index=False), found) if ok)
+    for row, neurons, acts in zip(found_rows, found_neurons, values):
+        if not len(acts):
+            continue
+        value_of = dict(zip(neurons, acts.tolist()))
+        for method in methods:
+            for order, (layer, unit) in enumerate(knowledge_neurons[method].get(row.fact_id, [])):
+                activation_rows.append((relation, method, row.fact_id, layer, unit, order, row.type, row.sentence_idx,
+                                        value_of[(layer, unit)]))
+    return (pd.DataFrame(fact_rows, columns=DISTANT_FACTS.columns), sentences[DISTANT_SENTENCES.columns],
+            pd.DataFrame(activation_rows, columns=DISTANT_ACTIVATIONS.columns), cut)
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -336,3 +403,130 @@ def usability_table(facts: pd.DataFrame, sentences: pd.DataFrame, max_unk_share:
         row["pieces_per_word"] = float(found["n_pieces"].sum() / max(1, found["text"].str.split(" ").str.len().sum()))
         rows.append(row)
     return pd.DataFrame(rows)
+
+SUBSETS = ("all", "usable")
+
+
+def summarize_relations(facts: pd.DataFrame, sentences: pd.DataFrame, activations: pd.DataFrame, max_unk_share: float
+                        ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(per-fact means, per-relation means, overall means, usability) for both sentence subsets (SPEC §6)."""
+    per_fact = subset_means(facts, sentences, activations, max_unk_share)
+    by_relation = pd.concat(
+        [relation_means(per_fact[per_fact["subset"] == name]).assign(subset=name) for name in SUBSETS], ignore_index=True
+    )[["subset", "relation", "method", "n_facts", "n_values", *TYPES]]
+    overall = pd.concat(
+        [overall_means(by_relation[by_relation["subset"] == name]).assign(subset=name) for name in SUBSETS],
+        ignore_index=True,
+    )[["subset", "method", "n_relations", "n_facts", *TYPES]]
+    return per_fact, by_relation, overall, usability_table(facts, sentences, max_unk_share)
+
+
+def subset_means(facts: pd.DataFrame, sentences: pd.DataFrame, activations: pd.DataFrame, max_unk_share: float) -> pd.DataFrame:
+    """Per-fact means for both sentence subsets, stacked with a ``subset`` column."""
+    readable = sentences[sentences["readable"].astype(bool)]
+    usable = sentences[usable_sentences(sentences, facts, max_unk_share)]
+    return pd.concat(
+        [fact_means(activations, chosen).assign(subset=name) for name, chosen in zip(SUBSETS, (readable, usable))],
+        ignore_index=True,
+    )
+
+
+def summary_markdown(overall: pd.DataFrame, by_relation: pd.DataFrame, usability: pd.DataFrame, model_name: str,
+                     max_len: int, configured_max_len: int, max_unk_share: float, seed: int) -> str:
+    """Overall and per-relation means, then how usable the sentences were for this model."""
+    types = ", ".join(f"{kind} = {label}" for kind, label in TYPE_LABELS.items())
+    compact = usability[["relation", "facts", "facts_no_exmp", "facts_kn_ig", "tails_single_token"]].copy()
+    for kind in TYPES:
+        compact[kind] = [
+            f"{u} / {s - c - (nf if kind == 'T1' else 0)} / {s}"
+            for u, s, c, nf in zip(
+                usability[f"{kind}_usable"], usability[f"{kind}_sentences"], usability[f"{kind}_mask_cut_off"],
+                usability.get(f"{kind}_tail_not_found", pd.Series(0, index=usability.index)),
+            )
+        ]  # fmt: skip
+    compact["unk_piece_share"] = usability["unk_piece_share"]
+    compact["pieces_per_word"] = usability["pieces_per_word"]
+    return "\n".join(
+        [
+            "# Activating prompts on web sentences (SPEC §6)",
+            "",
+            f"Model `{model_name}`; mean activation of each fact's knowledge neurons at [MASK]; {types}. "
+            "Per relation: mean over every pooled (fact, neuron) value; overall: unweighted mean over relations. "
+            f"Sentences cut to {max_len} positions (distant.max_len {configured_max_len}, capped by the model). "
+            "Subset `all`: every sentence whose [MASK] the model reads (the authors' procedure); `usable`: at most "
+            f"{max_unk_share:.0%} unknown pieces and, for T1, a tail that is one known token. "
+            "Both methods read the same masked sentences (seed "
+            f"{seed}, one stream per relation).",
+            "",
+            "## Overall",
+            "",
+            markdown_table(overall),
+            "## Per relation",
+            "",
+            markdown_table(by_relation),
+            "## How usable the web sentences are for this model",
+            "",
+            "Facts: studied; without th or h sentences (skipped, as in the paper); with IG knowledge neurons; whose tail "
+            "is one known token (otherwise the T1 [MASK] stands for several pieces). Per type: usable / readable "
+            "([MASK] within the kept pieces and, for T1, the tail found) / all sentences. unk_piece_share: share of "
+            "all wordpieces that are unknown to the tokenizer; pieces_per_word: wordpieces per space-separated word (a "
+            "vocabulary that covers the text gives about 1.3; a small one splits web words into many pieces).",
+            "",
+            markdown_table(compact),
+        ]
+    )
+
+
+def shown_ranks(n: int, lines: int) -> list[int]:
+    """Ranks (0-based) to print: all when n <= lines, else the top and bottom halves."""
+    if n <= lines:
+        return list(range(n))
+    top = (lines + 1) // 2
+    return list(range(top)) + list(range(n - (lines - top), n))
+
+
+def triggers_markdown(
+    relation: str, label: str, facts: pd.DataFrame, sentences: pd.DataFrame, activations: pd.DataFrame, lines: int
+) -> str:
+    """The readable report of one relation (see the module docstring)."""
+    ranking = trigger_ranking(activations, "ig")
+    kn_rows = activations[(activations["method"] == "ig")].drop_duplicates(["fact_id", "order"]).sort_values(["fact_id", "order"])
+    by_key = sentences[sentences["type"] == "T1"].set_index(["fact_id", "sentence_idx"])
+    out = [
+        f"# Activating sentences: {relation} ({label}), IG knowledge neurons",
+        "",
+        "SPEC §6, stage 5. Each of the fact's head+tail web sentences has its tail masked (T1); its score is the "
+        "sum of the fact's knowledge-neuron activations at [MASK]. Sentences are ranked highest first; "
+        f"with more than {lines} sentences the top and bottom {lines // 2} are shown. Neurons are `layer:neuron`, "
+        "layers counted from 0. `unk` is the share of the sentence's wordpieces unknown to the model's tokenizer; "
+        "`cut` marks a sentence cut to the model's window (only its kept pieces were read).",
+        "",
+    ]
+    shown = 0
+    for fact in facts.sort_values("fact_id").itertuples(index=False):
+        ranked = ranking[ranking["fact_id"] == fact.fact_id]
+        if fact.status_ig != "ok" or ranked.empty:
+            continue
+        shown += 1
+        neurons = kn_rows[kn_rows["fact_id"] == fact.fact_id]
+        out += [
+            f"## Fact {fact.fact_id}: ⟨{fact.subject}, {label}, {fact.object}⟩",
+            "",
+            "Knowledge neurons: " + ", ".join(f"`{layer}:{unit}`" for layer, unit in zip(neurons["layer"], neurons["neuron"])),
+            "",
+            "| rank | score | sentence | unk | cut |",
+            "|---|---|---|---|---|",
+        ]
+        for rank in shown_ranks(len(ranked), lines):
+            row = ranked.iloc[rank]
+            sentence = by_key.loc[(row["fact_id"], row["sentence_idx"])]
+            unk = sentence["n_unk"] / max(1, sentence["n_pieces"])
+            out.append(
+                f"| {rank + 1} | {row['score']:.4f} | {format_cell(sentence['text'])} | {unk:.0%} "
+                f"| {'yes' if sentence['truncated'] else ''} |"
+            )
+        out.append("")
+    if not shown:
+        out.append("No fact of this relation has both IG knowledge neurons and a readable head+tail sentence.\n")
+    log.info("%s: %d facts written", relation, shown)
+    return "\n".join(out)

@@ -8,6 +8,8 @@ so one loaded model serves every edit and the model on disk is never touched.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import random
 from collections import Counter
@@ -20,15 +22,17 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from tqdm import tqdm
+
 from kn.hooks import edited_value_slots
-from kn.models.arch import value_projections
-from kn.models.blocks import mlm_head
-from kn.models.encoding import EncodedPrompts, encode_prompts
+from kn.models.adapters import adapter_for
+from kn.models.encoding import encode_prompts, object_token_id
+from kn.models.forward import target_logits
+from kn.paper_numbers import paper_values
+from kn.tables import ERASE, UPDATES, Fact, Neuron, facts_of, neuron_lists, studied_rows
 
-Neuron = tuple[int, int]
+log = logging.getLogger("kn.editing")
 
-FACT_COLUMNS = ("relation", "fact_id", "subject", "object", "template_id", "prompt")
-NEURON_COLUMNS = ("relation", "method", "fact_id", "layer", "neuron", "order")
 KN_FILTER_RULES = ("code", "paper")
 
 # Why an update attempt did not become an edit (counted per relation in the summary).
@@ -36,81 +40,6 @@ SKIP_NO_KN = "no_kn"
 SKIP_INCORRECT = "incorrect_answer"
 SKIP_NEW_OBJECT = "new_object_not_one_token"
 SKIP_REASONS = (SKIP_NO_KN, SKIP_INCORRECT, SKIP_NEW_OBJECT)
-
-
-@dataclass(frozen=True)
-class Fact:
-    """One studied fact: its object and its bag of prompts (one per template, template order)."""
-
-    relation: str
-    fact_id: int
-    subject: str
-    object: str
-    template_ids: tuple[int, ...]
-    prompts: tuple[str, ...]
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs (DataFrames in the CONTRACTS.md layouts -> facts and per-fact neuron lists)
-
-
-def facts_from_table(frame: pd.DataFrame, n_study: int | None, source: str) -> list[Fact]:
-    """The studied facts (fact_id < n_study) of one relation's prompts table, in fact order.
-
-    Stages after attribution only see these facts (CONTRACTS.md), so N_r in SPEC §7/§8 is
-    their number. ``source`` names the file in errors.
-    """
-    missing = [c for c in FACT_COLUMNS if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{source}: missing columns {missing}; expected the ingest_relation layout {list(FACT_COLUMNS)}")
-    relations = frame["relation"].unique().tolist()
-    if len(relations) != 1:
-        raise ValueError(f"{source}: expected the prompts of exactly one relation, found {relations}")
-    table = frame if n_study is None else frame[frame["fact_id"] < n_study]
-    table = table.sort_values(["fact_id", "template_id"], kind="stable")
-    facts: list[Fact] = []
-    for fact_id, bag in table.groupby("fact_id", sort=True):
-        if int(fact_id) != len(facts):
-            raise ValueError(f"{source}: fact_id {len(facts)} is missing (found {fact_id} next); fact ids must be 0..N-1")
-        objects = bag["object"].unique().tolist()
-        if len(objects) != 1:
-            raise ValueError(f"{source}: fact_id {fact_id} has several objects {objects}")
-        facts.append(
-            Fact(
-                relation=str(relations[0]),
-                fact_id=int(fact_id),
-                subject=str(bag["subject"].iloc[0]),
-                object=str(objects[0]),
-                template_ids=tuple(int(t) for t in bag["template_id"]),
-                prompts=tuple(str(p) for p in bag["prompt"]),
-            )
-        )
-    if not facts:
-        raise ValueError(f"{source}: no facts with fact_id < {n_study}")
-    return facts
-
-
-def kn_lists_from_table(frame: pd.DataFrame, relation: str, n_facts: int, source: str, method: str = "ig") -> list[list[Neuron]]:
-    """Per studied fact, its refined knowledge neurons in first-appearance order (``order``).
-
-    Facts without rows have no KNs (an empty list), as in the authors' kn_bag files.
-    """
-    missing = [c for c in NEURON_COLUMNS if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{source}: missing columns {missing}; expected the refine layout {list(NEURON_COLUMNS)}")
-    wrong = sorted(set(frame["relation"].astype(str)) - {relation})
-    if wrong:
-        raise ValueError(f"{source}: rows of relations {wrong}, expected only {relation}")
-    rows = frame[(frame["method"] == method) & (frame["fact_id"] < n_facts)]
-    if (rows["fact_id"] < 0).any():
-        raise ValueError(f"{source}: negative fact_id {int(rows['fact_id'].min())}")
-    lists: list[list[Neuron]] = [[] for _ in range(n_facts)]
-    for fact_id, layer, unit in rows.sort_values(["fact_id", "order"], kind="stable")[["fact_id", "layer", "neuron"]].itertuples(index=False):
-        neuron = (int(layer), int(unit))
-        if neuron in lists[int(fact_id)]:
-            raise ValueError(f"{source}: fact_id {fact_id} lists neuron {neuron} twice for method {method!r}")
-        lists[int(fact_id)].append(neuron)
-    return lists
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +200,20 @@ def sample_updates(
 # Weight edits
 
 
+def edit_embeddings(model: nn.Module) -> tuple[torch.Tensor, str]:
+    """The token vectors the update writes into value slots, and which they are.
+
+    The authors' BERT ties its output layer to the input word embeddings, so e_t is both.
+    A model with an untied output layer predicts through its unembedding rows, so those
+    are used; the input embeddings otherwise.
+    """
+    adapter = adapter_for(model)
+    inputs, outputs = adapter.input_embeddings(), adapter.output_embeddings()
+    if outputs.data_ptr() == inputs.data_ptr() or outputs.shape != inputs.shape:
+        return inputs, "input embeddings (tied to the output layer)"
+    return outputs, "output (unembedding) vectors (untied from the input embeddings)"
+
+
 def updated_value_slots(
     model: nn.Module, neurons: Sequence[Neuron], old_id: int, new_id: int, lambda1: float, lambda2: float
 ) -> dict[Neuron, torch.Tensor]:
@@ -279,21 +222,21 @@ def updated_value_slots(
     All scales come from the unedited weights and all neurons change together. The
     arithmetic follows the authors' order (subtract, then add; scale = |v| / |e| * lambda);
     a neuron listed twice (possible in the random baseline) gets the update twice with the
-    same scales, as their sequential in-place loop does. e are input word-embedding rows.
+    same scales, as their sequential in-place loop does. e are the rows :func:`edit_embeddings` picks.
     """
-    embeddings = model.get_input_embeddings().weight
-    projections = value_projections(model)
-    if embeddings.shape[1] != projections[0].weight.shape[0]:
+    adapter = adapter_for(model)
+    embeddings, _ = edit_embeddings(model)
+    if embeddings.shape[1] != adapter.hidden_size:
         raise ValueError(
-            f"word embeddings have size {embeddings.shape[1]} but value slots {projections[0].weight.shape[0]}: "
-            "the SPEC §7 update adds embeddings to value slots and needs equal sizes"
+            f"token vectors have size {embeddings.shape[1]} but value slots {adapter.hidden_size}: "
+            "the SPEC §7 update adds token vectors to value slots and needs equal sizes"
         )
     with torch.no_grad():
         old_emb, new_emb = embeddings[old_id], embeddings[new_id]
         old_norm, new_norm = torch.norm(old_emb), torch.norm(new_emb)
         slots: dict[Neuron, torch.Tensor] = {}
         for layer, unit in neurons:
-            original = projections[layer].weight[:, unit]
+            original = adapter.value_slots(layer)[unit]
             value_norm = torch.norm(original)
             column = slots.get((layer, unit), original.clone())
             column = column - old_emb * (value_norm / old_norm * lambda1)
@@ -304,16 +247,16 @@ def updated_value_slots(
 
 def erased_value_slots(model: nn.Module, neurons: Sequence[Neuron], value: str, unk_id: int | None) -> dict[Neuron, torch.Tensor]:
     """Value slots for SPEC §8: zeros (the authors' run) or the [UNK] word embedding (their alternative)."""
-    projections = value_projections(model)
-    hidden = projections[0].weight.shape[0]
+    adapter = adapter_for(model)
+    slots = adapter.value_slots(0)
     if value == "zero":
-        fill = torch.zeros(hidden, dtype=projections[0].weight.dtype, device=projections[0].weight.device)
+        fill = torch.zeros(adapter.hidden_size, dtype=slots.dtype, device=slots.device)
     elif value == "unk":
         if unk_id is None:
             raise ValueError("erase.value = 'unk' but the tokenizer has no unknown token")
-        fill = model.get_input_embeddings().weight[unk_id].detach().clone()
-        if fill.shape != (hidden,):
-            raise ValueError(f"erase.value = 'unk': the embedding has size {fill.shape[0]}, value slots {hidden}")
+        fill = adapter.input_embeddings()[unk_id].detach().clone()
+        if fill.shape != (adapter.hidden_size,):
+            raise ValueError(f"erase.value = 'unk': the embedding has size {fill.shape[0]}, value slots {adapter.hidden_size}")
     else:
         raise ValueError(f"erase.value = {value!r}; expected 'zero' or 'unk'")
     return {neuron: fill for neuron in dict.fromkeys(neurons)}
@@ -323,34 +266,14 @@ def erased_value_slots(model: nn.Module, neurons: Sequence[Neuron], value: str, 
 # Scoring prompts
 
 
-def mask_logits(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    batch_size: int,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Float32 MLM logits at each prompt's first mask, ``[len(prompts), vocab]`` on the CPU.
+def mask_logits(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
+    """Float32 MLM logits at each prompt's first mask, ``[len(prompts), vocab]`` on the CPU (kn.models.forward).
 
-    Batches are right-padded; SPEC §1 shows padding only changes reduction-order noise.
     Use ``batch_size=1`` where the authors' numbers come from single-prompt passes.
     """
-    vocab_size = model.get_output_embeddings().weight.shape[0]
     if not prompts:
-        return torch.empty(0, vocab_size)
-    encoded = encode_prompts(tokenizer, prompts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    head = mlm_head(model)  # applied to the mask rows only: the vocabulary projection dominates otherwise
-    chunks: list[torch.Tensor] = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = EncodedPrompts(encoded.input_ids[start : start + batch_size], encoded.mask_positions[start : start + batch_size])
-        input_ids, attention = chunk.padded(pad_id, device)
-        with torch.no_grad():
-            hidden = model.base_model(input_ids=input_ids, attention_mask=attention).last_hidden_state
-            rows = torch.arange(len(chunk), device=hidden.device)
-            positions = torch.tensor(chunk.mask_positions, device=hidden.device)
-            chunks.append(head(hidden[rows, positions]).float().cpu())
-    return torch.cat(chunks)
+        return torch.empty(0, adapter_for(model).output_embeddings().shape[0])
+    return target_logits(model, encode_prompts(tokenizer, prompts), batch_size=batch_size)
 
 
 def gold_nll(logits: torch.Tensor, gold_ids: Sequence[int]) -> np.ndarray:
@@ -399,10 +322,9 @@ class PromptScorer:
     tokenizer: PreTrainedTokenizerBase
     object_ids: Mapping[str, int | None]
     batch_size: int
-    device: torch.device | str = "cpu"
 
     def logits(self, prompts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
-        return mask_logits(self.model, self.tokenizer, prompts, batch_size or self.batch_size, self.device)
+        return mask_logits(self.model, self.tokenizer, prompts, batch_size or self.batch_size)
 
     def token(self, token_id: int) -> str:
         return str(self.tokenizer.convert_ids_to_tokens(int(token_id)))
@@ -673,3 +595,226 @@ def erase_relation(
             }
         )
     return row
+
+
+# ---------------------------------------------------------------------------------------------
+# The two studies, end to end on one loaded model
+
+
+def editing_study(
+    prompts: Mapping[str, pd.DataFrame], neurons: Mapping[str, pd.DataFrame], tokenizer: PreTrainedTokenizerBase,
+    cap: int | None,
+) -> tuple[dict[str, list[Fact]], dict[str, list[list[Neuron]]], dict[str, int | None]]:
+    """The facts both editing studies use, per relation: the studied facts whose object is one
+    token of the tokenizer (no other can be edited or scored), their IG knowledge neurons
+    (aligned with the facts), and the vocabulary id of every object.
+
+    ``prompts`` and ``neurons`` map each selected relation to its prompt and neuron tables.
+    """
+    if set(prompts) != set(neurons):
+        raise ValueError(f"relations with prompts {sorted(prompts)} differ from those with neurons {sorted(neurons)}")
+    facts: dict[str, list[Fact]] = {}
+    kn_lists: dict[str, list[list[Neuron]]] = {}
+    object_ids: dict[str, int | None] = {}
+    for relation in sorted(prompts):
+        studied = facts_of(studied_rows(prompts[relation], cap), relation)
+        for fact in studied:
+            if fact.object not in object_ids:
+                object_ids[fact.object] = object_token_id(tokenizer, fact.object)
+        facts[relation] = [fact for fact in studied if object_ids[fact.object] is not None]
+        if len(facts[relation]) < len(studied):
+            log.warning("%s: %d of %d studied facts left out: object not one token", relation,
+                        len(studied) - len(facts[relation]), len(studied))
+        lists = neuron_lists(neurons[relation], "ig", relation)
+        kn_lists[relation] = [lists.get(fact.fact_id, []) for fact in facts[relation]]
+    return facts, kn_lists, object_ids
+
+
+def update_study(
+    scorer: PromptScorer,
+    facts: Mapping[str, Sequence[Fact]],
+    kn_lists: Mapping[str, Sequence[Sequence[Neuron]]],
+    *,
+    seed: int,
+    methods: Sequence[str],
+    edits_per_relation: int,
+    max_attempts: int,
+    share: float,
+    rule: str,
+    ppl_facts: int,
+    lambda1: float,
+    lambda2: float,
+    success_k: int,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """SPEC §7 for every method ("kn": the facts' knowledge neurons, "random": the random-neuron
+    baseline), each a fresh stream seeded like the authors' script. Returns one row per edit
+    and one row per (method, relation) of attempts and skips.
+
+    ``kn_lists[relation][k]`` are the knowledge neurons of ``facts[relation][k]``.
+    """
+    top1_is_gold = Top1Cache(scorer)
+    unedited, left_out = score_facts(scorer, facts)  # the "before" side of every PPL and paraphrase measure
+    if left_out:
+        log.warning("%d prompts left out of PPL sets: their object is not one token of this tokenizer", left_out)
+    adapter = adapter_for(scorer.model)
+    shape = (adapter.n_layers, adapter.ffn_size)
+    rows: list[dict[str, object]] = []
+    attempts: list[dict[str, object]] = []
+    for method in methods:
+        plans, report = sample_updates(
+            random.Random(seed), facts, kn_lists, top1_is_gold, edits_per_relation=edits_per_relation,
+            max_attempts=max_attempts, share=share, rule=rule, ppl_facts=ppl_facts,
+            random_shape=shape if method == "random" else None,
+            new_object_ok=lambda obj: scorer.object_ids[obj] is not None,
+        )
+        for status in report:
+            attempts.append({"method": method, "relation": status.relation, "attempts": status.attempts,
+                             "edits": status.edits, "single_object": status.single_object,
+                             **{f"skipped_{reason}": status.skipped[reason] for reason in SKIP_REASONS}})
+            log.info("%s %s: %d edits in %d attempts, skipped %s%s", method, status.relation, status.edits,
+                     status.attempts, dict(status.skipped), " (all facts share one object)" if status.single_object else "")
+        for plan in tqdm(plans, desc=f"edit ({method})", unit="edit"):
+            row = run_update(scorer, facts, plan, unedited, lambda1=lambda1, lambda2=lambda2, success_k=success_k)
+            rows.append({"method": method, **row})
+    return pd.DataFrame.from_records(rows, columns=UPDATES.columns), pd.DataFrame.from_records(attempts)
+
+
+def erase_study(scorer: PromptScorer, facts: Mapping[str, Sequence[Fact]], kn_lists: Mapping[str, Sequence[Sequence[Neuron]]],
+                relations: Sequence[str], top_k: int, value: str) -> pd.DataFrame:
+    """SPEC §8 for each of ``relations``: erase its ``top_k`` most frequent knowledge neurons, score
+    every prompt of every studied fact before and after; one row per erased relation."""
+    rows: list[dict[str, object]] = []
+    if relations:
+        before, left_out = score_facts(scorer, facts)
+        if left_out:
+            log.warning("%d prompts left out: their object is not one token of this tokenizer", left_out)
+        for relation in tqdm(relations, desc="erase", unit="relation"):
+            neurons = top_frequent_neurons(kn_lists[relation], top_k)
+            if len(neurons) < top_k:
+                log.warning("%s: only %d distinct knowledge neurons (erase.top_k = %d)", relation, len(neurons), top_k)
+            row = erase_relation(scorer, facts, relation, neurons, value, before)
+            log.info("%s: accuracy %.3f -> %.3f, PPL %.4g -> %.4g; others: accuracy %.3f -> %.3f, PPL %.4g -> %.4g",
+                     relation, row["acc_before"], row["acc_after"], row["ppl_before"], row["ppl_after"],
+                     row["other_acc_before"], row["other_acc_after"], row["other_ppl_before"], row["other_ppl_after"])
+            rows.append(row)
+    return pd.DataFrame.from_records(rows, columns=list(ERASE.columns))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+# The paper's numbers (SPEC §12, [2nd]) printed beside ours.
+_RATES, _PPL = paper_values("update_rates"), paper_values("update_ppl")
+PAPER_UPDATE = {
+    "kn": {"change_rate": _RATES["change_rate"], "success_rate": _RATES["success_rate"],
+           "ppl_intra_delta": _PPL["ppl_intra_delta"], "ppl_inter_delta": _PPL["ppl_inter_delta"]},
+    "random": {"change_rate": _RATES["random_change_rate"], "success_rate": _RATES["random_success_rate"],
+               "ppl_inter_delta": _PPL["random_ppl_inter_delta"]},
+}
+# SPEC §12: PPL before -> after on the erased relation ([2nd] / [mem]).
+PAPER_ERASE_PPL = {
+    rel: (paper_values(f"erase:{rel}")["before"], paper_values(f"erase:{rel}")["after"]) for rel in ("P19", "P106", "P27", "P937")
+}
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return "nan" if value != value else f"{value:.4g}"
+    return str(value)
+
+
+def _pct(value: float) -> str:
+    return "nan" if value != value else f"{100 * value:+.1f}%"
+
+
+def _provenance_lines(meta: Mapping[str, object], settings: Mapping[str, object]) -> list[str]:
+    shown = {k: meta[k] for k in ("stage", "seed", "run_config", "versions") if k in meta}
+    return ["", "## Provenance", "", "```json", json.dumps(shown, indent=2), "```", "",
+            "Config of this run: `" + json.dumps(settings) + "`", ""]
+
+
+def update_markdown(summary: pd.DataFrame, model_name: str, settings: Mapping[str, object], relation_share: float,
+                    facts: Mapping[str, Sequence[Fact]], vectors: str, meta: Mapping[str, object]) -> str:
+    """The overall table beside the paper's numbers, skip reasons per relation, and provenance."""
+    k = settings["success_k"]
+    overall = summary[summary["scope"] == "all"]
+    sizes = [len(v) for v in facts.values()]
+    lines = [
+        "# Updating facts (SPEC §7)",
+        "",
+        f"Model `{model_name}`; {len(facts)} relations; studied facts per relation (object one token): "
+        f"{min(sizes)}-{max(sizes)}; up to {settings['edits_per_relation']} edits per relation in at most "
+        f"{settings['max_attempts']} attempts; lambda1 = {settings['lambda1']}, lambda2 = {settings['lambda2']}; "
+        f"common-KN filter rule `{settings['kn_filter']}` (share {relation_share}); token vectors: {vectors}; "
+        f"seed {meta.get('seed')}.",
+        "",
+        f"| method | edits | change | success | success@{k} | paraphrase success | MRR before -> after "
+        "| PPL intra before -> after (delta) | PPL inter before -> after (delta) | paper change / success / dPPL intra / dPPL inter |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rec in overall.to_dict("records"):
+        paper = PAPER_UPDATE.get(str(rec["method"]), {})
+        paper_text = " / ".join(_fmt(paper.get(key, "n/a")) for key in ("change_rate", "success_rate", "ppl_intra_delta", "ppl_inter_delta"))
+        lines.append(
+            f"| {rec['method']} | {rec['edits']} | {_fmt(rec['change_rate'])} | {_fmt(rec['success_rate'])} "
+            f"| {_fmt(rec[f'success_at_{k}'])} | {_fmt(rec['para_success_after'])} "
+            f"| {_fmt(rec['mrr_before'])} -> {_fmt(rec['mrr_after'])} "
+            f"| {_fmt(rec['ppl_intra_before'])} -> {_fmt(rec['ppl_intra_after'])} ({_fmt(rec['ppl_intra_delta'])}) "
+            f"| {_fmt(rec['ppl_inter_before'])} -> {_fmt(rec['ppl_inter_after'])} ({_fmt(rec['ppl_inter_delta'])}) "
+            f"| {paper_text} |"
+        )
+    lines += [
+        "",
+        "Paraphrase success (beyond the paper, SPEC §11.13): share of the edited fact's other prompts whose "
+        "top-1 became the new object.",
+        "",
+        "## Attempts skipped, by reason",
+        "",
+        "`no_kn`: no knowledge neuron of the fact survived the common-KN filter (or the fact has none); "
+        "`incorrect_answer`: the model's top-1 on the drawn prompt is not the gold object; "
+        "`new_object_not_one_token`: the new object is not one vocabulary entry; "
+        "single-object relations (every fact has the same object) cannot draw a different object and are skipped.",
+        "",
+        "| method | relation | edits | attempts | " + " | ".join(SKIP_REASONS) + " | single object |",
+        "|---|---|---|---|" + "---|" * len(SKIP_REASONS) + "---|",
+    ]
+    for rec in summary.to_dict("records"):
+        lines.append(
+            f"| {rec['method']} | {rec['scope']} | {rec['edits']} | {rec['attempts']} | "
+            + " | ".join(str(rec[f"skipped_{reason}"]) for reason in SKIP_REASONS)
+            + f" | {rec['single_object_relations']} |"
+        )
+    return "\n".join(lines + _provenance_lines(meta, settings))
+
+
+def erase_markdown(table: pd.DataFrame, model_name: str, settings: Mapping[str, object], not_selected: Sequence[str],
+                   meta: Mapping[str, object]) -> str:
+    """Per erased relation: accuracy and PPL before -> after on it and on the others, beside the paper."""
+    lines = [
+        "# Erasing relations (SPEC §8)",
+        "",
+        f"Model `{model_name}`; per relation the {settings['top_k']} knowledge neurons in the most facts' IG lists "
+        f"(ties by first appearance) get value slots = `{settings['value']}`. Changes are (new - old) / old "
+        "(SPEC §11.9: the authors print the PPL change with the opposite sign).",
+        "",
+        "| relation | neurons | accuracy before -> after (change) | PPL before -> after (change) | others: accuracy "
+        "| others: PPL | paper PPL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rec in table.to_dict("records"):
+        paper = PAPER_ERASE_PPL.get(str(rec["relation"]))
+        paper_text = f"{paper[0]:g} -> {paper[1]:g} ({_pct((paper[1] - paper[0]) / paper[0])})" if paper else "n/a"
+        lines.append(
+            f"| {rec['relation']} | {rec['n_neurons']} "
+            f"| {_fmt(rec['acc_before'])} -> {_fmt(rec['acc_after'])} ({_pct(rec['acc_change'])}) "
+            f"| {_fmt(rec['ppl_before'])} -> {_fmt(rec['ppl_after'])} ({_pct(rec['ppl_change'])}) "
+            f"| {_fmt(rec['other_acc_before'])} -> {_fmt(rec['other_acc_after'])} ({_pct(rec['other_acc_change'])}) "
+            f"| {_fmt(rec['other_ppl_before'])} -> {_fmt(rec['other_ppl_after'])} ({_pct(rec['other_ppl_change'])}) "
+            f"| {paper_text} |"
+        )
+    if table.empty:
+        lines.append("| (no relation of erase.relations is selected) | | | | | | |")
+    lines += ["", "Paper, other relations' PPL: +1.1% to +10.1% (SPEC §12, ranges only)."]
+    if not_selected:
+        lines += ["", f"Not erased (not among the selected relations): {', '.join(not_selected)}."]
+    return "\n".join(lines + _provenance_lines(meta, settings))

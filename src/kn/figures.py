@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, PercentFormatter  # noqa: E402
 
@@ -27,14 +28,39 @@ METHOD_STYLE = {  # label and colour per method, in plotting order
 }
 
 
-def save_figure(fig: Figure, paths: Sequence[str | os.PathLike[str]]) -> None:
+def save_figure(fig: Figure, paths: Sequence[str | os.PathLike[str]], dpi: int = 150) -> None:
     """Save ``fig`` to each path (format from its suffix), atomically and reproducibly, then close it."""
     for path in paths:
         fmt = os.fspath(path).rsplit(".", 1)[-1].lower()
         metadata = {"CreationDate": None, "Producer": None} if fmt == "pdf" else {"Software": None}
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=fmt, metadata=metadata, dpi=150)
+            fig.savefig(tmp, format=fmt, metadata=metadata, dpi=dpi)
     plt.close(fig)
+
+
+def training_loss_figure(step_loss: Sequence[float], running: Sequence[float], window: int, evaluations: Sequence[dict],
+                         title: str) -> Figure:
+    """Step loss with its running mean over ``window`` steps (log scale) and the periodic train / held-out accuracy."""
+    steps = np.arange(1, len(step_loss) + 1)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(steps, step_loss, color="0.8", linewidth=0.6, label="step loss")
+    ax.plot(steps, running, color="C0", label=f"running mean ({window} steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    acc = ax.twinx()
+    acc.plot([e["step"] for e in evaluations], [e["train_accuracy"] for e in evaluations], "o-", color="C1",
+             label="train-template acc.")
+    if evaluations and "heldout_accuracy" in evaluations[0]:
+        acc.plot([e["step"] for e in evaluations], [e["heldout_accuracy"] for e in evaluations], "s--", color="C2",
+                 label="held-out acc.")
+    acc.set_ylim(0, 1)
+    acc.set_ylabel("top-1 accuracy (eval sample)")
+    lines, more = ax.get_legend_handles_labels(), acc.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="center right", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
 
 
 def layer_distribution_figure(shares: Sequence[float]) -> Figure:
@@ -132,5 +158,91 @@ def distant_figure(per_relation: pd.DataFrame, ylabel: str = "Mean KN activation
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_ylabel(ylabel)
     ax.legend(frameon=False, fontsize="small", ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0))  # above the bars
+    fig.tight_layout()
+    return fig
+
+
+def _plot_effects(ax, rows: pd.DataFrame, methods: Sequence[str]) -> None:
+    x = range(len(rows))
+    for metric, marker in (("suppress_own", "v"), ("amplify_own", "^")):
+        for method, colour in zip(methods, ("tab:blue", "tab:orange", "tab:gray")):
+            col = f"{metric}_{method}"
+            if col not in rows:
+                continue
+            yerr = None
+            if method == "ig":
+                yerr = [rows[col] - rows[f"{col}_ci_low"], rows[f"{col}_ci_high"] - rows[col]]
+            ax.errorbar(x, rows[col], yerr=yerr, marker=marker, color=colour, linestyle="-" if method == "ig" else ":",
+                        capsize=3, label=f"{metric.split('_')[0]} {method}")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_ylabel("correct-probability change ratio")
+    ax.yaxis.set_major_formatter(mticker.PercentFormatter(1.0))
+
+
+def sweep_effects_figure(table: pd.DataFrame, axes_spec: dict[str, list[tuple[str, str]]], methods: Sequence[str]) -> Figure:
+    """Per factor: suppress/amplify ratios (IG with 95% CI, base, random; top) and knowledge
+    neurons per fact (bottom), against the factor's values with the baseline in place.
+    Variants whose model did not learn its facts stay plotted but are shaded and labelled."""
+    present = set(table["variant"])  # a factor whose variants were not run (sweep.only) gets no panel
+    factors = [f for f in axes_spec if sum(n in present for n, _ in axes_spec[f]) >= 2]
+    ncols = max(1, len(factors))
+    # y is not shared: one weakly trained variant's large ratio would flatten every other panel
+    fig, axes = plt.subplots(2, ncols, figsize=(3.6 * ncols, 6.4), squeeze=False,
+                             gridspec_kw={"height_ratios": [2, 1]})
+    indexed = table.set_index("variant")
+    for col, factor in enumerate(factors):
+        points = [(n, label) for n, label in axes_spec[factor] if n in indexed.index]
+        rows = indexed.loc[[n for n, _ in points]]
+        top, bottom = axes[0][col], axes[1][col]
+        _plot_effects(top, rows, methods)
+        top.set_title(f"varied: {factor}")
+        x = range(len(rows))
+        for method, colour in (("ig", "tab:blue"), ("base", "tab:orange")):
+            bottom.plot(x, rows[f"{method}_avg_kn"], marker="o", color=colour, label=f"{method}")
+        bottom.axhspan(2, 5, color="tab:green", alpha=0.12, label="[2, 5] target")
+        bottom.set_yscale("log")  # a model that stores nothing gets ~100 "neurons" per fact
+        bottom.yaxis.set_major_formatter(mticker.ScalarFormatter())
+        bottom.yaxis.set_minor_formatter(mticker.NullFormatter())
+        bottom.set_ylabel("knowledge neurons / fact")
+        labels = [label for _, label in points]
+        for i, learned in enumerate(rows["learned_facts"]):
+            if not learned:
+                labels[i] += "\n(not learned)"
+                for ax in (top, bottom):
+                    ax.axvspan(i - 0.3, i + 0.3, color="tab:red", alpha=0.1, linewidth=0)
+        for ax in (top, bottom):
+            ax.set_xticks(list(x), labels, fontsize=7)
+            ax.set_xlim(-0.5, len(rows) - 0.5)
+        if col:
+            top.set_ylabel("")
+            bottom.set_ylabel("")
+    axes[0][0].legend(fontsize=7)
+    axes[1][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def sweep_confidence_figure(table: pd.DataFrame) -> Figure:
+    """IG suppress/amplify ratios (95% CI) against each variant's mean gold probability,
+    whatever factor set it; hollow markers: variants that did not learn their facts."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for metric, marker, colour in (("suppress_own", "v", "tab:blue"), ("amplify_own", "^", "tab:red")):
+        col = f"{metric}_ig"
+        for learned in (True, False):
+            rows = table[table["learned_facts"].astype(bool) == learned]
+            if rows.empty:
+                continue
+            ax.errorbar(rows["mean_gold_prob"], rows[col], yerr=[rows[col] - rows[f"{col}_ci_low"],
+                        rows[f"{col}_ci_high"] - rows[col]], marker=marker, linestyle="none", capsize=3,
+                        color=colour, markerfacecolor=colour if learned else "white",
+                        label=f"{metric.split('_')[0]} IG" + ("" if learned else " (not learned)"))
+        for _, row in table.iterrows():
+            ax.annotate(row["variant"], (row["mean_gold_prob"], row[col]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xlabel("mean gold probability of the studied prompts")
+    ax.set_ylabel("correct-probability change ratio")
+    ax.yaxis.set_major_formatter(mticker.PercentFormatter(1.0))
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -1,8 +1,11 @@
-"""Forward hooks on FFN activation modules, as context managers that always remove themselves.
+"""Every hook the pipeline puts on a model, as context managers that always remove themselves.
 
-Every intervention in the pipeline (capturing activations, scaling neurons, the IG
-patch) goes through :func:`ffn_hooks`, whose ``finally`` removes each handle even when
-the body raises, so a model is never left modified.
+Activations are read and changed through a forward pre-hook on each layer's value (down)
+projection, whose input is the FFN neuron vector on every architecture (kn.models.adapters);
+attention outputs through a forward hook on the attention output projection; value slots
+through a writable view of the down projection's weight. Each context's ``finally`` removes
+its handles (or restores the saved weights) even when the body raises, so a model is never
+left modified.
 """
 
 from __future__ import annotations
@@ -13,29 +16,58 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from kn.models.arch import ffn_activation_modules, value_projections
+from kn.models.adapters import adapter_for
 
+Neuron = tuple[int, int]
 ActivationEdit = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+def _check_layer(layer: int, n_layers: int) -> None:
+    if not 0 <= layer < n_layers:
+        raise IndexError(f"layer {layer} out of range: model has {n_layers} FFN layers")
 
 
 @contextlib.contextmanager
 def ffn_hooks(model: nn.Module, edits: Mapping[int, ActivationEdit]) -> Iterator[None]:
-    """Run ``edits[layer](activation)`` on the FFN activation output of each named layer.
+    """Run ``edits[layer](activation)`` on the FFN neuron vector ``[batch, seq, units]`` of each named layer.
 
-    An edit returns a replacement tensor or None (observe only). Activations are
-    ``[batch, seq, ffn]``.
+    An edit returns a replacement tensor or None (observe only); the replacement is what the
+    down projection then reads.
     """
-    modules = ffn_activation_modules(model)
+    adapter = adapter_for(model)
     handles = []
     try:
         for layer, edit in edits.items():
-            if not 0 <= layer < len(modules):
-                raise IndexError(f"layer {layer} out of range: model has {len(modules)} FFN layers")
+            _check_layer(layer, adapter.n_layers)
 
-            def hook(_module: nn.Module, _inputs: object, output: torch.Tensor, edit: ActivationEdit = edit):
+            def hook(_module: nn.Module, inputs: tuple, edit: ActivationEdit = edit):
+                replaced = edit(inputs[0])
+                return None if replaced is None else (replaced, *inputs[1:])
+
+            handles.append(adapter.value_projection(layer).register_forward_pre_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def attention_output_hooks(model: nn.Module, edits: Mapping[int, ActivationEdit]) -> Iterator[None]:
+    """Run ``edits[layer](output)`` on what each named layer's attention sublayer adds ``[batch, seq, hidden]``.
+
+    The output projection's output, before any residual add or norm: replacing it with
+    zeros removes attention's contribution while the residual stream passes unchanged.
+    """
+    adapter = adapter_for(model)
+    handles = []
+    try:
+        for layer, edit in edits.items():
+            _check_layer(layer, adapter.n_layers)
+
+            def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor, edit: ActivationEdit = edit):
                 return edit(output)
 
-            handles.append(modules[layer].register_forward_hook(hook))
+            handles.append(adapter.attention_output(layer).register_forward_hook(hook))
         yield
     finally:
         for handle in handles:
@@ -46,11 +78,11 @@ def ffn_hooks(model: nn.Module, edits: Mapping[int, ActivationEdit]) -> Iterator
 def capture_activations(
     model: nn.Module, positions: torch.Tensor, layers: Sequence[int] | None = None
 ) -> Iterator[dict[int, torch.Tensor]]:
-    """Record each layer's FFN activations at one position per row (e.g. the [MASK]).
+    """Record each layer's FFN neuron vector at one position per row (e.g. the [MASK]).
 
-    Yields a dict filled during the forward pass: ``{layer: [batch, ffn]}`` (detached).
+    Yields a dict filled during the forward pass: ``{layer: [batch, units]}`` (detached).
     """
-    n_layers = len(ffn_activation_modules(model))
+    chosen = range(adapter_for(model).n_layers) if layers is None else layers
     captured: dict[int, torch.Tensor] = {}
     rows = torch.arange(positions.shape[0], device=positions.device)
 
@@ -61,14 +93,14 @@ def capture_activations(
 
         return record
 
-    with ffn_hooks(model, {layer: make(layer) for layer in (layers if layers is not None else range(n_layers))}):
+    with ffn_hooks(model, {layer: make(layer) for layer in chosen}):
         yield captured
 
 
 @contextlib.contextmanager
 def scale_neurons(
     model: nn.Module,
-    neurons: Sequence[tuple[int, int]],
+    neurons: Sequence[Neuron],
     factor: float,
     positions: torch.Tensor,
 ) -> Iterator[None]:
@@ -77,51 +109,70 @@ def scale_neurons(
     All layers are changed in one pass, in layer order, so a later layer sees earlier
     changes (SPEC §5). ``factor=0`` suppresses, ``factor=2`` amplifies.
     """
-    by_layer: dict[int, list[int]] = {}
-    for layer, unit in neurons:
-        by_layer.setdefault(int(layer), []).append(int(unit))
-    rows = torch.arange(positions.shape[0], device=positions.device)
-
-    def make(units: list[int]) -> ActivationEdit:
-        index = torch.tensor(units, dtype=torch.long)
-
-        def edit(act: torch.Tensor) -> torch.Tensor:
-            act = act.clone()
-            idx = index.to(act.device)
-            act[rows[:, None], positions[:, None], idx[None, :]] *= factor
-            return act
-
-        return edit
-
-    with ffn_hooks(model, {layer: make(units) for layer, units in by_layer.items()}):
+    with scale_neurons_per_row(model, [neurons] * positions.shape[0], [factor] * positions.shape[0], positions):
         yield
 
 
 @contextlib.contextmanager
-def edited_value_slots(model: nn.Module, new_slots: Mapping[tuple[int, int], torch.Tensor]) -> Iterator[None]:
-    """Overwrite value slots (columns of the FFN output projection) for the body, then restore them.
+def scale_neurons_per_row(
+    model: nn.Module, neuron_sets: Sequence[Sequence[Neuron]], factors: Sequence[float], positions: torch.Tensor
+) -> Iterator[None]:
+    """Row r of the batch gets ``neuron_sets[r]`` multiplied by ``factors[r]`` at ``positions[r]``.
 
-    Weight edits (SPEC §7, §8) are undone by copying back the saved columns, not by inverse
+    Batching rows with different neuron sets (different facts, conditions, doses) into one
+    forward pass is what keeps evaluation fast; every element is one in-place multiply.
+    """
+    if not len(neuron_sets) == len(factors) == positions.shape[0]:
+        raise ValueError(f"{len(neuron_sets)} neuron sets, {len(factors)} factors, {positions.shape[0]} positions")
+    by_layer: dict[int, tuple[list[int], list[int], list[float]]] = {}
+    for row, (neurons, factor) in enumerate(zip(neuron_sets, factors)):
+        for layer, unit in neurons:
+            row_idx, unit_idx, row_factors = by_layer.setdefault(int(layer), ([], [], []))
+            row_idx.append(row)
+            unit_idx.append(int(unit))
+            row_factors.append(float(factor))
+    device = positions.device
+
+    def make(row_idx: list[int], unit_idx: list[int], row_factors: list[float]) -> ActivationEdit:
+        rows_t = torch.tensor(row_idx, dtype=torch.long, device=device)
+        index = (rows_t, positions[rows_t], torch.tensor(unit_idx, dtype=torch.long, device=device))
+        factors_t = torch.tensor(row_factors, dtype=torch.float32, device=device)
+
+        def edit(act: torch.Tensor) -> torch.Tensor:
+            act = act.clone()
+            act[index] *= factors_t.to(dtype=act.dtype)
+            return act
+
+        return edit
+
+    with ffn_hooks(model, {layer: make(*spec) for layer, spec in sorted(by_layer.items())}):
+        yield
+
+
+@contextlib.contextmanager
+def edited_value_slots(model: nn.Module, new_slots: Mapping[Neuron, torch.Tensor]) -> Iterator[None]:
+    """Overwrite value slots for the body, then restore them.
+
+    Weight edits (SPEC §7, §8) are undone by copying back the saved slots, not by inverse
     arithmetic, so the model is bit-identical afterwards (SPEC §11.8), even when the body
     raises. Writes happen under ``torch.no_grad()`` (SPEC §11.7). Only the in-memory model
     changes; nothing is written to disk.
     """
-    projections = value_projections(model)
+    adapter = adapter_for(model)
     saved: list[tuple[torch.Tensor, int, torch.Tensor]] = []
     try:
         with torch.no_grad():
-            for (layer, unit), column in new_slots.items():
-                if not 0 <= layer < len(projections):
-                    raise IndexError(f"layer {layer} out of range: model has {len(projections)} FFN layers")
-                weight = projections[layer].weight
-                if not 0 <= unit < weight.shape[1]:
-                    raise IndexError(f"neuron {unit} out of range: layer {layer} has {weight.shape[1]} FFN units")
-                if column.shape != (weight.shape[0],):
-                    raise ValueError(f"value slot ({layer}, {unit}) needs shape ({weight.shape[0]},), got {tuple(column.shape)}")
-                saved.append((weight, unit, weight[:, unit].clone()))
-                weight[:, unit] = column.to(device=weight.device, dtype=weight.dtype)
+            for (layer, unit), slot in new_slots.items():
+                _check_layer(layer, adapter.n_layers)
+                slots = adapter.value_slots(layer)
+                if not 0 <= unit < slots.shape[0]:
+                    raise IndexError(f"neuron {unit} out of range: layer {layer} has {slots.shape[0]} FFN units")
+                if slot.shape != (slots.shape[1],):
+                    raise ValueError(f"value slot ({layer}, {unit}) needs shape ({slots.shape[1]},), got {tuple(slot.shape)}")
+                saved.append((slots, unit, slots[unit].clone()))
+                slots[unit] = slot.to(device=slots.device, dtype=slots.dtype)
         yield
     finally:
         with torch.no_grad():
-            for weight, unit, original in reversed(saved):
-                weight[:, unit] = original
+            for slots, unit, original in reversed(saved):
+                slots[unit] = original

@@ -9,26 +9,28 @@ control, a dose-response over the top-k neurons by attribution, and bootstrap CI
 
 from __future__ import annotations
 
-import contextlib
+import io
 import logging
 import random
 import warnings
+import zlib
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from kn.hooks import ffn_hooks
-from kn.models.encoding import EncodedPrompts
+from transformers import PreTrainedTokenizerBase
+
+from kn.hooks import scale_neurons_per_row
+from kn.models.encoding import EncodedPrompts, encode_prompts, object_token_id
+from kn.models.forward import score_targets
 from kn.paper_numbers import paper_values
+from kn.tables import DOSE, DOSE_SUMMARY, EFFECT_SUMMARY, EVALUATION, METHODS, Neuron
 
 log = logging.getLogger("kn.interventions")
-
-Neuron = tuple[int, int]
 
 # SPEC §12 ([2nd]): unweighted mean over the 34 relations of the per-relation own-prompt ratios.
 PAPER = {"suppress_own": paper_values("suppress"), "amplify_own": paper_values("amplify")}
@@ -49,58 +51,20 @@ class Intervention:
         return (self.prompt, tuple(sorted(self.neurons)), float(self.factor))
 
 
-@contextlib.contextmanager
-def scale_neurons_per_row(
-    model: nn.Module, rows: Sequence[Intervention], positions: torch.Tensor
-) -> Iterator[None]:
-    """Like :func:`kn.hooks.scale_neurons`, but each batch row has its own neurons and factor.
-
-    Batching rows with different neuron sets (different facts, conditions, doses) into
-    one forward pass is what keeps evaluation fast; the arithmetic per element is the
-    same in-place multiply as ``scale_neurons`` (tested to match it). Built on
-    :func:`kn.hooks.ffn_hooks`, so the hooks are removed even if the body raises.
-    """
-    by_layer: dict[int, tuple[list[int], list[int], list[float]]] = {}
-    for row, item in enumerate(rows):
-        for layer, unit in item.neurons:
-            row_idx, unit_idx, factors = by_layer.setdefault(int(layer), ([], [], []))
-            row_idx.append(row)
-            unit_idx.append(int(unit))
-            factors.append(float(item.factor))
-
-    def make(row_idx: list[int], unit_idx: list[int], factors: list[float]):
-        rows_t = torch.tensor(row_idx, dtype=torch.long)
-        units_t = torch.tensor(unit_idx, dtype=torch.long)
-        factors_t = torch.tensor(factors, dtype=torch.float32)
-
-        def edit(act: torch.Tensor) -> torch.Tensor:
-            act = act.clone()
-            r = rows_t.to(act.device)
-            index = (r, positions.to(act.device)[r], units_t.to(act.device))
-            act[index] *= factors_t.to(device=act.device, dtype=act.dtype)
-            return act
-
-        return edit
-
-    with ffn_hooks(model, {layer: make(*spec) for layer, spec in sorted(by_layer.items())}):
-        yield
-
-
 def gold_probabilities(
     model: nn.Module,
     encoded: EncodedPrompts,
     gold_ids: Sequence[int],
     rows: Sequence[Intervention],
     *,
-    pad_id: int,
     batch_size: int = 64,
-    device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> np.ndarray:
     """P(gold | prompt) under each row's intervention: softmax over the full vocabulary at [MASK].
 
-    Identical rows (same prompt, neurons and factor; every empty set is the plain
-    model) are computed once. Rows run in batches of ``batch_size`` in the given order.
+    Identical rows (same prompt, neurons and factor; every empty set is the plain model) are
+    computed once. Rows with different neuron sets share a batch (kn.models.forward), each
+    scaled by :func:`kn.hooks.scale_neurons_per_row`.
     """
     unique: dict[tuple, int] = {}
     todo: list[Intervention] = []
@@ -108,23 +72,14 @@ def gold_probabilities(
         if item.key() not in unique:
             unique[item.key()] = len(todo)
             todo.append(item)
-    probs = np.empty(len(todo), dtype=np.float64)
-    starts = range(0, len(todo), batch_size)
-    with torch.no_grad():
-        for start in tqdm(starts, desc="forward batches", disable=not progress, mininterval=5):
-            chunk = todo[start : start + batch_size]
-            sub = EncodedPrompts(
-                [encoded.input_ids[r.prompt] for r in chunk], [encoded.mask_positions[r.prompt] for r in chunk]
-            )
-            input_ids, attention = sub.padded(pad_id, device)
-            positions = torch.tensor(sub.mask_positions, dtype=torch.long, device=device)
-            gold = torch.tensor([gold_ids[r.prompt] for r in chunk], dtype=torch.long, device=device)
-            with scale_neurons_per_row(model, chunk, positions):
-                logits = model(input_ids=input_ids, attention_mask=attention).logits
-            rows_t = torch.arange(len(chunk), device=device)
-            mask_logits = logits[rows_t, positions].float()
-            p = torch.softmax(mask_logits, dim=-1)[rows_t, gold]
-            probs[start : start + len(chunk)] = p.cpu().numpy()
+
+    def scaled(batch: Sequence[int], positions: torch.Tensor):
+        return scale_neurons_per_row(model, [todo[k].neurons for k in batch], [todo[k].factor for k in batch], positions)
+
+    scores = score_targets(model, encoded, [gold_ids[item.prompt] for item in todo], batch_size=batch_size,
+                           items=[item.prompt for item in todo], edit=scaled,
+                           progress="forward batches" if progress else None)
+    probs = scores.prob.astype(np.float64)
     return np.array([probs[unique[item.key()]] for item in rows], dtype=np.float64)
 
 
@@ -177,6 +132,29 @@ def layer_matched_random(reference: Sequence[Neuron], n_units: int, rng: np.rand
         taken.add(candidate)
         out.append(candidate)
     return out
+
+
+def random_controls(
+    relation: str,
+    seed: int,
+    facts: Sequence[int],
+    knowledge_neurons: Mapping[int, Sequence[Neuron]],
+    ranking: Mapping[int, Sequence[Neuron]],
+    n_units: int,
+    dose_max: int,
+) -> tuple[dict[int, list[Neuron]], dict[int, list[Neuron]]]:
+    """The random-neuron control of one relation: per fact a layer-matched random set for its
+    knowledge neurons, and one for the top ``dose_max`` of its attribution ranking (the dose curve).
+
+    Seeded per relation (jobs run per relation), facts in order, sets before rankings.
+    """
+    rng = np.random.default_rng([int(seed), zlib.crc32(relation.encode())])
+    sets: dict[int, list[Neuron]] = {}
+    ranked: dict[int, list[Neuron]] = {}
+    for fact in facts:
+        sets[fact] = layer_matched_random(knowledge_neurons.get(fact, []), n_units, rng)
+        ranked[fact] = layer_matched_random(list(ranking.get(fact, []))[:dose_max], n_units, rng)
+    return sets, ranked
 
 
 def rank_by_attribution(scores: pd.DataFrame) -> dict[int, list[Neuron]]:
@@ -232,9 +210,6 @@ def bootstrap_counts(n_facts: int, resamples: int, rng: np.random.Generator) -> 
     return counts
 
 
-SUMMARY_COLUMNS = ["relation", "method", "metric", "variant", "ratio", "ci_low", "ci_high", "n_facts"]
-
-
 def summarize(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
     """Per relation and overall (unweighted mean over relations) ratio of averages, with 95% CIs.
 
@@ -280,16 +255,13 @@ def summarize(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
             mean, mean_samples = float(np.nanmean(ratios)), np.nanmean(samples, axis=0)
         n_total = sum(n for _, _, n in by_relation.values())
         rows.append(_summary_row("mean", method, metric, variant, mean, mean_samples, n_total))
-    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    return pd.DataFrame(rows, columns=list(EFFECT_SUMMARY.columns))
 
 
 def _summary_row(relation: str, method: str, metric: str, variant: str, ratio: float, samples: np.ndarray, n: int) -> dict:
     low, high = _percentile_ci(samples)
     return {"relation": relation, "method": method, "metric": metric, "variant": variant, "ratio": ratio,
             "ci_low": low, "ci_high": high, "n_facts": n}
-
-
-DOSE_SUMMARY_COLUMNS = ["relation", "method", "k", "ratio", "ci_low", "ci_high", "n_neurons"]
 
 
 def summarize_dose(dose: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
@@ -323,7 +295,7 @@ def summarize_dose(dose: pd.DataFrame, resamples: int, seed: int) -> pd.DataFram
             mean_samples = np.nanmean(np.stack([s for _, s, _ in items]), axis=0)
         rows.append(["mean", method, k, float(np.nanmean([r for r, _, _ in items])), *_percentile_ci(mean_samples),
                      float(np.mean([n for _, _, n in items]))])
-    return pd.DataFrame(rows, columns=DOSE_SUMMARY_COLUMNS)
+    return pd.DataFrame(rows, columns=list(DOSE_SUMMARY.columns))
 
 
 def _percentile_ci(samples: np.ndarray) -> tuple[float, float]:
@@ -355,9 +327,49 @@ class EvaluationInputs:
     rankings: Mapping[str, Mapping[int, Sequence[Neuron]]]
 
 
-RESULT_COLUMNS = ["relation", "fact_id", "target", "prompt_relation", "prompt_fact_id", "template_id", "method",
-                  "n_neurons", "p0", "p_suppress", "p_amplify"]
-DOSE_COLUMNS = ["relation", "fact_id", "template_id", "method", "k", "n_neurons", "p0", "p_suppress"]
+def relation_inputs(
+    relation: str,
+    prompts: Mapping[str, pd.DataFrame],
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    neurons: Mapping[str, Mapping[int, Sequence[Neuron]]],
+    scores: pd.DataFrame,
+    *,
+    random_control: bool,
+    n_units: int,
+    dose_ks: Sequence[int],
+) -> EvaluationInputs:
+    """Resolve one relation's evaluation: the other-relation draws, the prompts they need (their
+    objects one token of ``tokenizer``), the neuron sets per method and the dose rankings.
+
+    ``prompts`` maps every selected relation to its studied prompt rows; ``neurons`` is the
+    relation's refined neurons per method; ``scores`` its stored attribution scores.
+    """
+    n_facts = {rel: int(frame["fact_id"].max()) + 1 if len(frame) else 0 for rel, frame in prompts.items()}
+    if relation not in n_facts:
+        raise ValueError(f"evaluate {relation}: its prompt table is not among the inputs ({sorted(n_facts)})")
+    draws = dict(enumerate(draw_other_facts(list(n_facts), n_facts, relation, seed)))
+    if not draws:
+        log.warning("only one relation selected: no other-relation prompts to evaluate")
+    needed = {(relation, f) for f in range(n_facts[relation])} | set(draws.values())
+    table = pd.concat(list(prompts.values()), ignore_index=True)
+    table["relation"] = table["relation"].astype(str)
+    table = table[[key in needed for key in zip(table["relation"], table["fact_id"])]]
+    gold = {obj: object_token_id(tokenizer, obj) for obj in table["object"].unique()}
+    no_gold = sorted(obj for obj, token in gold.items() if token is None)
+    if no_gold:
+        log.warning("%d objects are not one token and their facts are skipped: %s", len(no_gold), no_gold[:10])
+    table = table[table["object"].map(gold).notna()].reset_index(drop=True)
+    encoded = encode_prompts(tokenizer, table["prompt"].tolist())
+    gold_ids = [int(gold[obj]) for obj in table["object"]]
+    rankings: dict[str, dict[int, list[Neuron]]] = {m: rank_by_attribution(scores[scores["method"] == m]) for m in METHODS}
+    facts = sorted(set(table.loc[table["relation"] == relation, "fact_id"].astype(int)))
+    neuron_sets: dict[str, Mapping[int, Sequence[Neuron]]] = {m: neurons[m] for m in METHODS}
+    if random_control:  # same size and layers as the IG sets / the IG ranking
+        neuron_sets["random"], rankings["random"] = random_controls(
+            relation, seed, facts, neurons["ig"], rankings["ig"], n_units, max(dose_ks, default=0))
+    return EvaluationInputs(relation, encoded, gold_ids, table[["relation", "fact_id", "template_id"]], facts, draws,
+                            neuron_sets, rankings)
 
 
 def evaluate_relation(
@@ -367,9 +379,7 @@ def evaluate_relation(
     suppress_factor: float,
     amplify_factor: float,
     dose_ks: Sequence[int],
-    pad_id: int,
     batch_size: int = 64,
-    device: torch.device | str = "cpu",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-prompt probabilities for suppress/amplify (own and other prompts) and the dose curve.
 
@@ -416,9 +426,8 @@ def evaluate_relation(
                         rows.append(Intervention(i, () if column == "p0" else neurons, factor))
     log.info("%s: %d intervention rows (%d distinct forward rows)", inputs.relation, len(rows),
              len({r.key() for r in rows}))
-    probs = gold_probabilities(model, inputs.encoded, inputs.gold_ids, rows, pad_id=pad_id, batch_size=batch_size,
-                               device=device, progress=True)
-    return _pivot(plan, probs, "result", RESULT_COLUMNS), _pivot(plan, probs, "dose", DOSE_COLUMNS)
+    probs = gold_probabilities(model, inputs.encoded, inputs.gold_ids, rows, batch_size=batch_size, progress=True)
+    return _pivot(plan, probs, "result", EVALUATION.columns), _pivot(plan, probs, "dose", DOSE.columns)
 
 
 def _pivot(plan: list[tuple[str, dict]], probs: np.ndarray, table: str, columns: list[str]) -> pd.DataFrame:
@@ -430,3 +439,41 @@ def _pivot(plan: list[tuple[str, dict]], probs: np.ndarray, table: str, columns:
         key = tuple(v for k, v in meta.items() if k != "column")
         records.setdefault(key, {k: v for k, v in meta.items() if k != "column"})[meta["column"]] = float(p)
     return pd.DataFrame(list(records.values()), columns=columns)
+
+
+METHOD_LABELS = {"ig": "Ours (IG)", "base": "Baseline", "random": "Random"}
+
+
+def effects_markdown(summary: pd.DataFrame) -> str:
+    """Overall means (with CIs) beside the paper's numbers, then the per-relation own-prompt ratios."""
+    methods = [m for m in METHOD_LABELS if m in set(summary["method"])]
+    mean = summary[summary["relation"] == "mean"].set_index(["metric", "variant", "method"])
+    out = io.StringIO()
+    out.write("# Suppressing and amplifying knowledge neurons (SPEC §5)\n\n")
+    out.write("Ratio of averages mean(Δp) / mean(p0) per relation, then the unweighted mean over relations; "
+              "95% bootstrap CIs over facts. `all`: every studied fact (zero-KN facts count with Δ = 0, as in the "
+              "paper); `with_kn`: only facts with at least one neuron.\n\n")
+    out.write("| metric | variant | " + " | ".join(METHOD_LABELS[m] for m in methods) + " | paper ours | paper baseline |\n")
+    out.write("|---|---|" + "---|" * len(methods) + "---|---|\n")
+    for metric, variant in sorted({(m, v) for m, v, _ in mean.index}):
+        cells = [_ci_cell(mean.loc[(metric, variant, m)]) if (metric, variant, m) in mean.index else "" for m in methods]
+        paper = PAPER.get(metric, {}) if variant == "all" else {}
+        out.write(f"| {metric} | {variant} | " + " | ".join(cells) + f" | {_signed_pct(paper.get('ig'))} | "
+                  f"{_signed_pct(paper.get('base'))} |\n")
+    per = summary[(summary["relation"] != "mean") & (summary["variant"] == "all")
+                  & summary["metric"].isin(["suppress_own", "amplify_own"])]
+    table = per.pivot_table(index="relation", columns=["metric", "method"], values="ratio")
+    out.write("\n## Per relation (own prompts, all facts)\n\n| relation | "
+              + " | ".join(f"{metric} {METHOD_LABELS[m]}" for metric, m in table.columns) + " |\n")
+    out.write("|---|" + "---|" * len(table.columns) + "\n")
+    for relation, row in table.iterrows():
+        out.write(f"| {relation} | " + " | ".join(f"{v:+.2%}" for v in row.to_numpy()) + " |\n")
+    return out.getvalue()
+
+
+def _ci_cell(row: pd.Series) -> str:
+    return f"{row.ratio:+.2%} [{row.ci_low:+.2%}, {row.ci_high:+.2%}]"
+
+
+def _signed_pct(value: float | None) -> str:
+    return "" if value is None else f"{value:+.2%}"

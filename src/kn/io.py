@@ -133,8 +133,23 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def run_config_record() -> dict[str, str] | None:
+    """Which whole-run config the job ran under: the file the Snakefile wrote (named by its hash)."""
+    from kn.config import RUN_CONFIG_ENV
+
+    path = os.environ.get(RUN_CONFIG_ENV)
+    if not path:
+        return None
+    return {"path": path, "sha256": Path(path).stem}
+
+
 def provenance(cfg: Any, stage: str, **extra: Any) -> dict[str, Any]:
-    """The record written beside every result: stage, config, seed, versions."""
+    """The record written beside every result.
+
+    ``config`` is what the job received and read: the config sections the stage declares
+    (kn.stages.sections), as passed to it. ``run_config`` names the whole resolved config of
+    the Snakemake run that started the job (None when the stage was run by hand).
+    """
     from kn.config import to_container
 
     config = to_container(cfg)
@@ -142,6 +157,7 @@ def provenance(cfg: Any, stage: str, **extra: Any) -> dict[str, Any]:
         "stage": stage,
         "seed": config.get("seed") if isinstance(config, dict) else None,
         "config": config,
+        "run_config": run_config_record(),
         "versions": package_versions(),
         **extra,
     }

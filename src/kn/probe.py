@@ -14,21 +14,17 @@ from typing import Collection, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kn.models.encoding import encode_prompts, object_token_id
+from kn.models.forward import score_targets
+from kn.tables import PROBE
 
 log = logging.getLogger("kn.probe")
 
 PROMPT_MAX_LEN = 128  # ParaRel prompts (SPEC §1)
-PROBE_COLUMNS = [
-    "relation", "fact_id", "template_id", "heldout", "gold_id", "gold_prob", "gold_rank", "pred_token", "correct", "skipped",
-]
 
 
-@torch.no_grad()
 def score_prompts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -40,33 +36,13 @@ def score_prompts(
     """Per prompt: gold_prob, gold_rank (1 = top; ties counted in the gold's favour) and pred_id.
 
     A negative gold id means "no gold": gold_prob is NaN and gold_rank -1, but the prediction
-    is still made. Prompts are batched by length; results come back in input order.
+    is still made. Results come back in input order (kn.models.forward batches by length).
     """
     if len(prompts) != len(gold_ids):
         raise ValueError(f"{len(prompts)} prompts but {len(gold_ids)} gold ids")
-    device = next(model.parameters()).device
     encoded = encode_prompts(tokenizer, prompts, max_len=PROMPT_MAX_LEN)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    gold_prob = np.full(len(prompts), np.nan, dtype=np.float32)
-    gold_rank = np.full(len(prompts), -1, dtype=np.int32)
-    pred_id = np.zeros(len(prompts), dtype=np.int32)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded.input_ids[i]))
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="probe", unit="batch", disable=not progress, mininterval=5.0):
-        rows = order[start : start + batch_size]
-        ids, attention = encoded.padded(pad_id, rows=rows)
-        positions = torch.tensor([encoded.mask_positions[i] for i in rows], device=device)
-        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
-        at_mask = logits[torch.arange(len(rows), device=device), positions].float()
-        probs = torch.softmax(at_mask, dim=-1)
-        top = at_mask.argmax(dim=-1)
-        for r, i in enumerate(rows):
-            pred_id[i] = int(top[r])
-            gold = int(gold_ids[i])
-            if gold >= 0:
-                gold_prob[i] = float(probs[r, gold])
-                gold_rank[i] = int((at_mask[r] > at_mask[r, gold]).sum()) + 1
-    return pd.DataFrame({"gold_prob": gold_prob, "gold_rank": gold_rank, "pred_id": pred_id})
+    scores = score_targets(model, encoded, gold_ids, batch_size=batch_size, progress="probe" if progress else None)
+    return pd.DataFrame({"gold_prob": scores.prob, "gold_rank": scores.rank, "pred_id": scores.pred.astype(np.int32)})
 
 
 def gold_token_ids(tokenizer: PreTrainedTokenizerBase, objects: Sequence[str]) -> np.ndarray:
@@ -116,7 +92,7 @@ def probe_relation(
             "%d of %d prompts skipped: objects not one token: %s",
             int(skipped.sum()), len(table), sorted(set(prompts["object"][skipped]))[:10],
         )
-    return table[PROBE_COLUMNS]
+    return table[PROBE.columns]
 
 
 def majority_baseline(facts: pd.DataFrame) -> pd.Series:
@@ -140,6 +116,7 @@ def accuracy_summary(probe: pd.DataFrame, prompts: pd.DataFrame) -> pd.DataFrame
                 "relation": relation,
                 "facts": int(group["fact_id"].nunique()),
                 "skipped_facts": int(group.loc[group["skipped"], "fact_id"].nunique()),
+                "skipped_prompts": int(group["skipped"].sum()),
                 "train_prompts": len(train),
                 "heldout_prompts": len(held),
                 "train_accuracy": train["correct"].mean() if len(train) else np.nan,
@@ -159,7 +136,7 @@ def train_template_ids(
     return {rel: [t for t in range(len(tpls)) if t not in set(heldout.get(rel, ()))] for rel, tpls in templates.items()}
 
 
-COUNT_COLUMNS = ("facts", "skipped_facts", "train_prompts", "heldout_prompts", "xrel_prompts")
+COUNT_COLUMNS = ("facts", "skipped_facts", "skipped_prompts", "train_prompts", "heldout_prompts", "xrel_prompts")
 
 
 def overall_row(table: pd.DataFrame) -> dict[str, float]:
@@ -222,3 +199,67 @@ def relation_use(
             }
         )
     return pd.DataFrame(rows)
+
+
+def knowledge_table(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    probes: pd.DataFrame,
+    prompts: pd.DataFrame,
+    templates: Mapping[str, Sequence[str]],
+    heldout: Mapping[str, Collection[int]],
+    relation_objects: Mapping[str, Collection[str]],
+    seed: int,
+) -> pd.DataFrame:
+    """Per relation: :func:`accuracy_summary` of the probe rows beside :func:`relation_use` of the
+    probed facts (skipped ones left out), then a ``mean`` row (counts summed, rates averaged)."""
+    table = accuracy_summary(probes, prompts)
+    probed = probes[~probes["skipped"]].drop_duplicates(["relation", "fact_id"])[["relation", "fact_id"]]
+    facts = prompts.drop_duplicates(["relation", "fact_id"]).merge(probed, on=["relation", "fact_id"])
+    use = relation_use(model, tokenizer, facts[["relation", "fact_id", "subject", "object"]], templates,
+                       train_template_ids(templates, heldout), relation_objects, seed)
+    return table.merge(use, on="relation", how="left")
+
+
+ACCURACY_TITLES = {
+    "relation": "relation",
+    "facts": "facts",
+    "skipped_facts": "skipped facts",
+    "train_accuracy": "train-template acc.",
+    "heldout_accuracy": "held-out acc.",
+    "majority_baseline": "majority baseline",
+    "train_gold_prob": "gold prob. (train)",
+    "xrel_own_object": "own object in other relation",
+    "xrel_other_type": "other relation's type",
+}
+
+
+def accuracy_markdown(table: pd.DataFrame, model: str) -> str:
+    """The accuracy table for humans: percentages, one row per relation and an unweighted mean row."""
+    lines = [
+        f"# Probe accuracy: {model}",
+        "",
+        "Top-1 accuracy over the full vocabulary at [MASK] (SPEC §1). Held-out templates were never "
+        "seen in training (trained organisms only). Majority baseline: always answering the relation's most "
+        "frequent object. Relation use: a subject put into another relation's templates; 'own object' = the "
+        "model still answers the subject's own object (where that is not a valid answer there), 'other "
+        "relation's type' = it answers some object of the other relation. Skipped facts have objects that are "
+        "not one token for this tokenizer and are not scored.",
+        "",
+        "| " + " | ".join(ACCURACY_TITLES.values()) + " |",
+        "|" + "---|" * len(ACCURACY_TITLES),
+    ]
+    for row in table.to_dict(orient="records"):
+        cells = []
+        for key in ACCURACY_TITLES:
+            value = row[key]
+            if key in ("relation", "facts", "skipped_facts"):
+                cells.append(str(value))
+            elif pd.isna(value):
+                cells.append("n/a")
+            elif key == "train_gold_prob":
+                cells.append(f"{value:.3f}")
+            else:
+                cells.append(f"{100 * value:.1f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

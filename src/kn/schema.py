@@ -1,7 +1,8 @@
 """Typed schema of the config: wrong types and unknown keys fail with the key's name.
 
 Hydra already rejects overrides of unknown keys; this adds type checks on every value
-(including those set in YAML files) by merging the composed config into dataclasses.
+(including those set in YAML files) by merging the composed config into dataclasses. The
+dataclasses carry no defaults: conf/config.yaml is the one source of values.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,144 +19,150 @@ from omegaconf.errors import OmegaConfBaseException
 
 @dataclass
 class TrainConfig:
-    """The kn-tiny recipe (conf/model/kn-tiny.yaml documents each knob and why it has its default)."""
+    """The kn-tiny recipe (conf/model/kn-tiny.yaml documents each knob and why it has its value)."""
 
-    seed: int = 0
-    num_layers: int = 6
-    hidden_size: int = 256
-    intermediate_size: int = 1024
-    num_heads: int = 4
-    dropout: float = 0.0
-    max_steps: int = 1200
-    target_accuracy: Optional[float] = None
-    eval_every: int = 50
-    eval_sample: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    other_mask_prob: float = 0.0
-    heldout_templates: int = 1
-    heldout_min_templates: int = 5
-    vocab_size: int = 8000
+    seed: int
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    dropout: float
+    max_steps: int
+    target_accuracy: Optional[float]
+    eval_every: int
+    eval_sample: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    other_mask_prob: float
+    heldout_templates: int
+    heldout_min_templates: int
+    vocab_size: int
 
 
 @dataclass
 class ModelConfig:
-    name: str = "???"
-    source: str = "trained"
-    path: Optional[str] = None
-    layer_norm_eps: Optional[float] = None
-    train: Optional[TrainConfig] = None
+    name: str
+    source: str
+    path: Optional[str]
+    layer_norm_eps: Optional[float]
+    train: Optional[TrainConfig]
 
 
 @dataclass
 class DataConfig:
-    resources_dir: str = "resources/pararel"
-    relations: Any = "all"
-    max_facts_per_relation: Optional[int] = None
+    resources_dir: str
+    relations: Any
+    max_facts_per_relation: Optional[int]
 
 
 @dataclass
 class StudyConfig:
-    facts_per_relation: Optional[int] = None
+    facts_per_relation: Optional[int]
 
 
 @dataclass
 class IGConfig:
-    m: int = 20
-    alpha_rule: str = "left"
-    target: str = "gold"
-    storage_ratio: float = 0.1
-    facts_per_shard: int = 4
-    batch_size: int = 64
-    dtype: str = "float32"
-    device: str = "auto"
+    m: int
+    alpha_rule: str
+    target: str
+    storage_ratio: float
+    facts_per_shard: int
+    batch_size: int
+    dtype: str
 
 
 @dataclass
 class RefineConfig:
-    t: float = 0.2
-    t_base: float = 0.5
-    p: float = 0.7
-    p_step: float = 0.05
-    max_evals: int = 6
-    target_min: float = 2.0
-    target_max: float = 5.0
-    min_prompts: int = 3
-    relation_share: float = 0.1
+    t: float
+    t_base: float
+    p: float
+    p_step: float
+    max_evals: int
+    target_min: float
+    target_max: float
+    min_prompts: int
+    relation_share: float
+
+
+@dataclass
+class AnalysisConfig:
+    inter_draws: int
 
 
 @dataclass
 class EvaluateConfig:
-    suppress_factor: float = 0.0
-    amplify_factor: float = 2.0
-    random_control: bool = True
-    dose_max_k: int = 300
-    dose_ks: list[int] = field(default_factory=lambda: [1, 2, 3, 5, 10, 20, 50, 100, 200, 300])
-    bootstrap: int = 1000
-    inter_draws: int = 100
-    batch_size: int = 64
-    device: str = "auto"
+    suppress_factor: float
+    amplify_factor: float
+    random_control: bool
+    dose_max_k: int
+    dose_ks: list[int]
+    bootstrap: int
+    batch_size: int
 
 
 @dataclass
 class EditConfig:
-    edits_per_relation: int = 10
-    max_attempts: int = 10000
-    lambda1: int = 1
-    lambda2: int = 8
-    ppl_facts: int = 5
-    success_k: int = 5
-    random_baseline: bool = True
-    kn_filter: str = "code"
-    batch_size: int = 64
+    edits_per_relation: int
+    max_attempts: int
+    lambda1: int
+    lambda2: int
+    ppl_facts: int
+    success_k: int
+    random_baseline: bool
+    kn_filter: str
+    batch_size: int
 
 
 @dataclass
 class EraseConfig:
-    relations: list[str] = field(default_factory=lambda: ["P19", "P27", "P106", "P937"])
-    top_k: int = 20
-    value: str = "zero"
-    batch_size: int = 64
+    relations: list[str]
+    top_k: int
+    value: str
+    batch_size: int
 
 
 @dataclass
 class DistantConfig:
-    resources_dir: str = "resources/bing_distant"
-    max_len: int = 512
-    max_mask_word: int = 50
-    head_redraws: int = 4
-    trigger_relations: list[str] = field(default_factory=lambda: ["P740", "P937"])
-    trigger_lines: int = 20
-    batch_size: int = 32
-    max_unk_share: float = 0.5
+    resources_dir: str
+    max_len: int
+    max_mask_word: int
+    head_redraws: int
+    trigger_relations: list[str]
+    trigger_lines: int
+    batch_size: int
+    max_unk_share: float
 
 
 @dataclass
 class SweepConfig:
     """Model-organism sweep (experiment=organism-sweep); empty variants = no sweep."""
 
-    baseline: str = "baseline"
-    only: Optional[list[str]] = None
-    cores_per_variant: int = 1
-    variants: dict[str, Any] = field(default_factory=dict)
+    baseline: str
+    only: Optional[list[str]]
+    cores_per_variant: int
+    variants: dict[str, Any]
 
 
 @dataclass
 class KNConfig:
-    seed: int = 42
-    results_dir: str = "results"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    study: StudyConfig = field(default_factory=StudyConfig)
-    ig: IGConfig = field(default_factory=IGConfig)
-    refine: RefineConfig = field(default_factory=RefineConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    edit: EditConfig = field(default_factory=EditConfig)
-    erase: EraseConfig = field(default_factory=EraseConfig)
-    distant: DistantConfig = field(default_factory=DistantConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
+    """The whole config. Types only: conf/config.yaml is the one place that gives values."""
+
+    seed: int
+    results_dir: str
+    device: str
+    model: ModelConfig
+    data: DataConfig
+    study: StudyConfig
+    ig: IGConfig
+    refine: RefineConfig
+    analysis: AnalysisConfig
+    evaluate: EvaluateConfig
+    edit: EditConfig
+    erase: EraseConfig
+    distant: DistantConfig
+    sweep: SweepConfig
 
 
 _CHOICES = {
@@ -163,17 +170,18 @@ _CHOICES = {
     "ig.alpha_rule": {"left", "right", "midpoint"},
     "ig.target": {"gold", "pred"},
     "ig.dtype": {"float32", "bfloat16"},
-    "ig.device": {"auto", "cpu", "cuda"},
-    "evaluate.device": {"auto", "cpu", "cuda"},
+    "device": {"auto", "cpu", "cuda"},
     "erase.value": {"zero", "unk"},
     "edit.kn_filter": {"code", "paper"},
 }
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Raise ``kn.config.ConfigError`` naming the first bad key (type, unknown key, choice, range)."""
-    from kn.config import ConfigError
+class ConfigError(ValueError):
+    """A config key or value the pipeline cannot use; the message names it."""
 
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` naming the first bad key (type, unknown key, choice, range)."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(
@@ -184,7 +192,7 @@ def validate_config(cfg: DictConfig) -> None:
     try:
         OmegaConf.merge(schema, cfg)
     except OmegaConfBaseException as exc:
-        raise ConfigError(_schema_error_message(schema, exc)) from exc
+        raise ConfigError(_schema_error_message(exc)) from exc
     relations = cfg.data.relations
     if not (isinstance(relations, str) or (OmegaConf.is_list(relations) and all(isinstance(r, str) for r in relations))):
         raise ConfigError(
@@ -253,12 +261,10 @@ def _section_type(section: type, name: str) -> type | None:
     return None
 
 
-def _schema_error_message(schema: DictConfig, exc: OmegaConfBaseException) -> str:
+def _schema_error_message(exc: OmegaConfBaseException) -> str:
     """One line per problem: the key, the offending value, what is expected (OmegaConf adds debug lines)."""
     key = str(getattr(exc, "full_key", "") or "")
     reason = str(getattr(exc, "msg", exc)).splitlines()[0]
     if reason.startswith("Key ") and " not in " in reason:
         return unknown_key_message(key)
-    expected = OmegaConf.select(schema, key.split("[")[0], default=None, throw_on_missing=False)
-    example = f"; its default is {expected!r}" if expected is not None and not OmegaConf.is_config(expected) else ""
-    return f"config key {key or '<root>'!r}: {reason}{example} (see conf/config.yaml)"
+    return f"config key {key or '<root>'!r}: {reason}"

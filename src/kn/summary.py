@@ -7,11 +7,15 @@ run's value from the loaded result files; a file the run did not produce gives "
 
 from __future__ import annotations
 
+import html
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pandas as pd
+from omegaconf import OmegaConf
+
+from kn.markdown import markdown_table
 
 from kn.paper_numbers import PAPER_NUMBERS, PaperNumber
 
@@ -28,6 +32,7 @@ class RunResults:
     update: pd.DataFrame | None = None  # <model>/edit/update_summary.csv
     erase: pd.DataFrame | None = None  # <model>/edit/erase.csv
     distant: pd.DataFrame | None = None  # <model>/distant/activation_overall.csv
+    probe: pd.DataFrame | None = None  # <model>/probe/accuracy.csv
     attribution_seconds: list[float] = field(default_factory=list)  # wall time of every attribute job
 
 
@@ -184,3 +189,116 @@ def paper_vs_run(run: RunResults, numbers: tuple[PaperNumber, ...] = PAPER_NUMBE
         ours, ours_baseline, source = EXTRACTORS[number.key](run, number)
         rows.append((number.experiment, number.paper, number.baseline, number.status, ours, ours_baseline, source))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+TITLES = {  # column titles of the paper-vs-run table
+    "experiment": "experiment", "paper": "paper (ours)", "paper_baseline": "paper (baseline / random)",
+    "status": "status", "this_run": "this run (IG)", "this_run_baseline": "this run (baseline / random)",
+    "source": "this run's source",
+}  # fmt: skip
+TABLE_TITLES = {  # the study tables the HTML page shows, in order; rows filtered to the headline ones
+    "probe": "Probe accuracy (per relation)",
+    "kn_stats": "Knowledge-neuron statistics (SPEC §4)",
+    "evaluate": "Suppressing and amplifying (SPEC §5), mean over relations",
+    "distant_overall": "Activating prompts (SPEC §6), overall",
+    "distant_usability": "Activating prompts: usable sentences for this model",
+    "update": "Updating facts (SPEC §7), over all relations",
+    "erase": "Erasing relations (SPEC §8)",
+}
+HEADLINE_ROWS = {"evaluate": ("relation", "mean"), "update": ("scope", "all"), "distant_usability": ("relation", "all")}
+
+
+def _demote_headings(text: str) -> str:
+    """Nest a markdown document under a level-2 section (its '#' headings become '###')."""
+    return "\n".join("##" + line if line.startswith("#") else line for line in text.splitlines())
+
+
+def vocabulary_coverage(run: RunResults) -> str:
+    """How many facts and prompts this tokenizer cannot score: objects that are not one token.
+
+    The paper's data keep only objects that are one bert-base-cased wordpiece; any other
+    vocabulary splits some objects, and those facts are left out of every measurement.
+    """
+    if run.probe is None:
+        return "Not measured (the probe did not run)."
+    rows = run.probe[run.probe["relation"].astype(str) != "mean"]
+    facts, skipped = int(rows["facts"].sum()), int(rows["skipped_facts"].sum())
+    prompts = int(rows["train_prompts"].sum() + rows["heldout_prompts"].sum() + rows["skipped_prompts"].sum())
+    text = (f"Objects that are not one token of this tokenizer: {skipped} of {facts} ingested facts "
+            f"({int(rows['skipped_prompts'].sum())} of {prompts} prompts) are left out of every measurement")
+    if run.kn_stats is not None:
+        ig = run.kn_stats["methods"]["ig"]
+        dropped = int(ig.get("n_facts_without_attribution", 0))
+        text += f"; of the studied facts, {dropped} of {int(ig['n_facts']) + dropped}"
+    return text + "."
+
+
+def summary_markdown(cfg: Any, comparison: pd.DataFrame, model_card: str | None, run: RunResults) -> str:
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    return "\n".join(
+        [
+            f"# Knowledge neurons: run summary for `{cfg.model.name}`",
+            "",
+            "Reproduction of Dai et al. (ACL 2022), *Knowledge Neurons in Pretrained Transformers*. The paper's numbers "
+            "and their status markers come from SPEC §12 (`src/kn/paper_numbers.py`): [DATA] checked on the data, "
+            "[2nd] agreed on by secondary summaries, [mem] unverified recollection. This run's numbers are read from "
+            "its result files (column *this run's source*, under the model's results folder). The paper studies "
+            "bert-base-cased on every fact; a different model or a subset of facts gives numbers that are not "
+            "expected to match, only to be read side by side.",
+            "",
+            "## Paper vs this run",
+            "",
+            markdown_table(comparison, TITLES),
+            "## Vocabulary coverage",
+            "",
+            vocabulary_coverage(run),
+            "",
+            "## Model card",
+            "",
+            _demote_headings(model_card) if model_card else f"No model card: the model is `{cfg.model.path}` (not trained by the pipeline).",
+            "",
+            "## Configuration of this run",
+            "",
+            "```yaml",
+            config_yaml.rstrip(),
+            "```",
+        ]
+    )
+
+
+CSS = (
+    "body{font-family:sans-serif;margin:1.5em;max-width:1300px}table{border-collapse:collapse;margin:.5em 0 1.5em}"
+    "th,td{border:1px solid #ccc;padding:3px 6px;font-size:13px;text-align:left}th{background:#f0f0f0}"
+    "pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:12px}"
+)
+
+
+def summary_html(cfg: Any, comparison: pd.DataFrame, model_card: str | None, tables: dict[str, pd.DataFrame]) -> str:
+    """A self-contained page (no scripts, no external files) the Snakemake report shows inline."""
+
+    def table(frame: pd.DataFrame) -> str:
+        return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="n/a", border=0)
+
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>kn summary: {html.escape(cfg.model.name)}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>Knowledge neurons: run summary for <code>{html.escape(cfg.model.name)}</code></h1>",
+        "<p>Paper numbers and status markers from SPEC §12 (<code>src/kn/paper_numbers.py</code>); this run's numbers "
+        "read from its result files. Numbers of a different model or a subset of facts are read side by side, not "
+        "expected to match.</p>",
+        "<h2>Paper vs this run</h2>",
+        table(comparison.rename(columns=TITLES)),
+        "<h2>Tables of the study</h2>",
+    ]
+    for name, frame in tables.items():
+        parts += [f"<h3>{html.escape(TABLE_TITLES[name])}</h3>", table(frame)]
+    if not tables:
+        parts.append("<p>No study table was produced.</p>")
+    parts += [
+        "<h2>Model card</h2>",
+        f"<pre>{html.escape(model_card)}</pre>" if model_card else f"<p>No model card: the model is <code>{html.escape(str(cfg.model.path))}</code>.</p>",
+        "<h2>Configuration of this run</h2>",
+        f"<pre>{html.escape(OmegaConf.to_yaml(cfg, resolve=True))}</pre>",
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"

@@ -1,4 +1,4 @@
-"""Model-organism sweep (issue 9): collect one row per kn-tiny variant and compare variants.
+"""Model-organism sweep: collect one row per kn-tiny variant and compare variants.
 
 Each variant is the default pipeline run with a few config overrides (one factor changed)
 into its own results directory; these functions only read those runs' output files and
@@ -8,13 +8,14 @@ neuron-set stability measure (Jaccard across seeds).
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
+
+from kn.tables import layers_and_units
 
 HEADLINE_METRICS = ("suppress_own", "amplify_own")
 METHODS = ("ig", "base", "random")
@@ -31,12 +32,29 @@ def variant_overrides(variants: Mapping[str, Mapping[str, Any]], name: str) -> l
     return [str(o) for o in spec["overrides"]]
 
 
-def collect_variant(model_dir: Path, relations: list[str]) -> dict[str, Any]:
-    """One tidy record of a finished variant run, read from its output files."""
-    model_dir = Path(model_dir)
-    metrics = json.loads((model_dir / "training" / "metrics.json").read_text())
-    stats = json.loads((model_dir / "analysis" / "kn_stats.json").read_text())
-    summary = pd.read_csv(model_dir / "evaluate" / "summary.csv")
+def seed_variants(variants: Mapping[str, Mapping[str, Any]], baseline: str, selected: Sequence[str]) -> list[str]:
+    """The baseline and the selected variants that change only the seed (for seed stability); empty
+    when the baseline or every seed variant is left out of the run."""
+    seeds = [name for name in selected if str(variants[name]["factor"]) == "seed"]
+    return [baseline, *seeds] if seeds and baseline in selected else []
+
+
+def collect_variant(
+    metrics: Mapping[str, Any],
+    kn_stats: Mapping[str, Any],
+    effects: pd.DataFrame,
+    gold_probs: pd.Series,
+    refine_records: Mapping[str, Mapping[str, Any]],
+    job_seconds: float,
+) -> dict[str, Any]:
+    """One tidy record of a finished variant run, from its files' contents.
+
+    ``metrics`` is the training metrics JSON, ``kn_stats`` the analysis JSON, ``effects`` the
+    suppress/amplify summary table, ``gold_probs`` the gold probability of every studied prompt,
+    ``refine_records`` the refine JSON per relation and ``job_seconds`` the summed wall time of
+    the variant's jobs.
+    """
+    n_layers, ffn_size = layers_and_units(list(refine_records.values()))
     record: dict[str, Any] = {
         "train_accuracy": metrics["overall"]["train_accuracy"],
         "heldout_accuracy": metrics["overall"]["heldout_accuracy"],
@@ -44,18 +62,22 @@ def collect_variant(model_dir: Path, relations: list[str]) -> dict[str, Any]:
         "train_steps": metrics["training"]["steps"],
         "train_seconds": metrics["training"]["wall_seconds"],
         "parameters": metrics["data"]["parameters"],
-        "mean_gold_prob": mean_gold_probability(model_dir, relations),
+        "mean_gold_prob": float(gold_probs.mean()),
+        "n_layers": n_layers,
+        "ffn_size": ffn_size,
     }
     for method in ("ig", "base"):
-        record[f"{method}_avg_kn"] = stats["methods"][method]["avg_kn_per_fact"]
-        record[f"{method}_facts_without_kn"] = stats["methods"][method]["n_facts_without_kn"]
-        record[f"{method}_p_mean"], record[f"{method}_relations_off_target"] = reached_p(model_dir, relations, method)
-        shares = stats["layer_share"][method]
+        record[f"{method}_avg_kn"] = kn_stats["methods"][method]["avg_kn_per_fact"]
+        record[f"{method}_facts_without_kn"] = kn_stats["methods"][method]["n_facts_without_kn"]
+        ps = [rec[method]["p"] for rec in refine_records.values()]
+        record[f"{method}_p_mean"] = sum(ps) / len(ps)
+        record[f"{method}_relations_off_target"] = sum(not rec[method]["in_target"] for rec in refine_records.values())
+        shares = kn_stats["layer_share"][method]
         record[f"{method}_layer_share"] = [float(x) for x in shares]
         record[f"{method}_top_layer_share"] = shares[-1]
         record[f"{method}_mean_layer"] = sum((i + 1) * s for i, s in enumerate(shares))
-    record["job_seconds"] = job_seconds(model_dir.parent / "benchmarks")
-    mean_rows = summary[(summary["relation"] == "mean") & (summary["variant"] == "all")]
+    record["job_seconds"] = job_seconds
+    mean_rows = effects[(effects["relation"] == "mean") & (effects["variant"] == "all")]
     for metric in HEADLINE_METRICS:
         for method in METHODS:
             row = mean_rows[(mean_rows["metric"] == metric) & (mean_rows["method"] == method)]
@@ -67,34 +89,17 @@ def collect_variant(model_dir: Path, relations: list[str]) -> dict[str, Any]:
     return record
 
 
-def job_seconds(benchmark_dir: Path) -> float:
-    """Summed wall seconds of every job the variant's run benchmarked: its honest cost."""
-    paths = sorted(Path(benchmark_dir).rglob("*.tsv"))
-    if not paths:
-        raise FileNotFoundError(f"{benchmark_dir}: no benchmark *.tsv files; did the variant's run finish?")
-    return float(sum(pd.read_csv(path, sep="\t")["s"].sum() for path in paths))
+def job_seconds(benchmarks: Sequence[Path]) -> float:
+    """Summed wall seconds of the given Snakemake benchmark files: a variant's honest cost."""
+    if not benchmarks:
+        raise FileNotFoundError("no benchmark files given; did the variant's run finish?")
+    return float(sum(pd.read_csv(path, sep="\t")["s"].sum() for path in benchmarks))
 
 
-def mean_gold_probability(model_dir: Path, relations: list[str]) -> float:
-    """Mean gold probability over the studied prompts (from the attribution prompt tables)."""
-    frames = [
-        pd.read_parquet(path, columns=["gold_prob"])
-        for rel in relations
-        for path in sorted((model_dir / "attributions" / rel).glob("*.prompts.parquet"))
-    ]
-    if not frames:
-        raise FileNotFoundError(f"{model_dir}/attributions: no *.prompts.parquet for relations {relations}")
-    return float(pd.concat(frames)["gold_prob"].mean())
-
-
-def reached_p(model_dir: Path, relations: list[str], method: str) -> tuple[float, int]:
-    """Mean adaptive p over relations, and how many relations ended outside the [2, 5] target."""
-    ps, off = [], 0
-    for rel in relations:
-        record = json.loads((model_dir / "neurons" / f"{rel}.json").read_text())[method]
-        ps.append(record["p"])
-        off += not record["in_target"]
-    return sum(ps) / len(ps), off
+def ig_neuron_table(rows: Sequence[Sequence[Any]]) -> pd.DataFrame:
+    """A record's ``ig_neurons`` ([relation, fact_id, layer, neuron] rows) as a neurons table of method "ig"."""
+    frame = pd.DataFrame(list(rows), columns=["relation", "fact_id", "layer", "neuron"])
+    return frame.assign(method="ig")
 
 
 def neuron_jaccard(a: pd.DataFrame, b: pd.DataFrame, method: str = "ig") -> pd.DataFrame:
@@ -296,3 +301,84 @@ def _axis_order(point: tuple[str, str]) -> tuple[int, float]:
         return (0, float(point[1].split()[0]))
     except (ValueError, IndexError):
         return (1, 0.0)
+
+
+SWEEP_COLUMNS = [
+    "variant", "factor", "value", "overrides", "train_accuracy", "heldout_accuracy", "mean_gold_prob", "train_steps",
+    "train_seconds", "job_seconds", "ig_avg_kn", "base_avg_kn", "ig_facts_without_kn", "ig_p_mean",
+    "ig_relations_off_target", "ig_mean_layer", "ig_top_layer_share",
+    "suppress_own_ig", "suppress_own_ig_ci_low", "suppress_own_ig_ci_high", "suppress_own_base",
+    "suppress_own_random", "amplify_own_ig", "amplify_own_ig_ci_low", "amplify_own_ig_ci_high",
+    "amplify_own_base", "amplify_own_random", "majority_baseline", "learned_facts", "effect_holds",
+]
+
+
+def layer_table(records: list[dict]) -> pd.DataFrame:
+    """Share of IG knowledge neurons per layer (L1 = bottom), one row per variant."""
+    rows = {r["variant"]: r.get("ig_layer_share", []) for r in records}
+    width = max((len(v) for v in rows.values()), default=0)
+    return pd.DataFrame.from_dict(
+        {k: list(v) + [float("nan")] * (width - len(v)) for k, v in rows.items()},
+        orient="index", columns=[f"L{i + 1}" for i in range(width)],
+    ).rename_axis("variant")
+
+
+def sweep_table(records: list[dict], variants: Mapping[str, Mapping[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The sweep table (one row per variant, in the config's order) and its IG layer shares.
+
+    Labels come from the current config, so relabelling needs no rerun; ``overrides`` lists
+    every change of a variant, confounds too.
+    """
+    for record in records:
+        spec = variants[record["variant"]]
+        record["factor"], record["value"] = str(spec["factor"]), str(spec["value"])
+        record["overrides"] = " ".join(variant_overrides(variants, record["variant"]))
+        record["learned_facts"] = learned_facts(record)
+        record["effect_holds"] = effect_holds(record)
+    order = {name: i for i, name in enumerate(variants)}
+    records.sort(key=lambda r: order[r["variant"]])
+    table = pd.DataFrame(records)
+    layers = layer_table(records)
+    table = table[[c for c in SWEEP_COLUMNS if c in table.columns]].merge(
+        layers.add_prefix("ig_layer_share_"), left_on="variant", right_index=True, how="left")
+    return table, layers
+
+
+def sweep_markdown(table: pd.DataFrame, layers: pd.DataFrame, records: list[dict], baseline: str,
+                   stability: Mapping[str, Mapping[str, Any]], trend: Mapping[str, Any]) -> str:
+    """The sweep for humans: the table, layer shares, seed stability and the confidence trend."""
+    md = ["# Model-organism sweep", "",
+          f"Baseline variant: `{baseline}`; each other variant changes one factor of the default recipe. "
+          "Ratios are the unweighted mean over relations of the ratio of averages (SPEC §5); IG 95% CIs are "
+          "bootstrap over facts. `effect_holds`: suppression CI below 0 and amplification CI above 0. "
+          "`learned_facts`: training-template accuracy above the majority-object baseline. "
+          "`job_seconds`: summed wall time of the variant's jobs (training included).", ""]
+    not_learned = [r["variant"] for r in records if not r["learned_facts"]]
+    if not_learned:
+        md += [f"**Did not learn its facts** (accuracy at or below always answering the most common object, so "
+               f"its neurons are not knowledge neurons): {', '.join(f'`{n}`' for n in not_learned)}.", ""]
+    md.append(table.drop(columns=[c for c in table.columns if c.startswith("ig_layer_share_")])
+              .to_markdown(index=False, floatfmt=".4g"))
+    md += ["", "## Layer distribution of IG knowledge neurons (share per layer, L1 = bottom)", "",
+           layers.to_markdown(floatfmt=".3f")]
+    if stability:
+        md += ["", "## Neuron-set stability across seeds (IG, Jaccard per fact)", "",
+               "Independently initialised models share no unit identity (hidden units are permutation-symmetric), "
+               "so the yardsticks are the Jaccard of two random sets of the same sizes, drawn from all units or "
+               "layer-matched (each fact's per-layer neuron counts kept; fair when most neurons sit in one layer).",
+               ""]
+        for name, s in stability.items():
+            if not s["facts"]:
+                md.append(f"- `{baseline}` vs `{name}`: no fact has neurons in either run")
+                continue
+            md.append(f"- `{baseline}` vs `{name}`: mean Jaccard {s['mean_jaccard']:.4f} (random sets: "
+                      f"{s['chance_jaccard']:.4f}, layer-matched {s['chance_jaccard_layer_matched']:.4f}), median "
+                      f"{s['median_jaccard']:.3f} over {s['facts']} facts with neurons in either run ({s['facts_with_kn_in_both']} in both); {s['facts_sharing_a_neuron']} share at "
+                      f"least one neuron, {s['facts_identical']} identical; Spearman of per-fact neuron counts "
+                      f"{s['kn_count_spearman']:.2f}")
+    md += ["", "## Effect size against confidence", "",
+           f"Over the {trend['variants']} variants that learned their facts, Spearman rank correlation of mean gold "
+           f"probability with the IG suppression ratio: {trend['spearman_gold_prob_suppress_own']:.2f}; with the IG "
+           f"amplification ratio: {trend['spearman_gold_prob_amplify_own']:.2f} (suppression ratios are negative, so a "
+           "positive value means more confident models lose less)."]
+    return "\n".join(md) + "\n"

@@ -71,7 +71,7 @@ def test_conversion_round_trip_and_counts(tmp_path: Path, query_pairs: Path) -> 
     }
     assert stats["facts_per_relation"] == {"P10": 1, "P2": 3}
 
-    table, n_facts = load_sentences(out)
+    table, n_facts = load_sentences(out / "sentences.parquet", out / "stats.json")
     rebuilt = table_to_bags(table, n_facts)
     assert rebuilt == {rel: [{kind: bag[f"{kind}_bags"] for kind in KINDS} for bag in items] for rel, items in BAGS.items()}
     # pool order: relations sorted as strings (P10 < P2), facts in order, th then h
@@ -81,7 +81,7 @@ def test_conversion_round_trip_and_counts(tmp_path: Path, query_pairs: Path) -> 
     assert pq.read_metadata(out / "sentences.parquet").row_group(0).column(4).compression == "ZSTD"
     shuffled = pq.read_table(out / "sentences.parquet").to_pandas().sample(frac=1.0, random_state=0)
     pq.write_table(pa.Table.from_pandas(shuffled, preserve_index=False), out / "sentences.parquet")
-    assert load_sentences(out)[0]["sentence"].tolist() == expected_pool  # any row order reads back in pool order
+    assert load_sentences(out / "sentences.parquet", out / "stats.json")[0]["sentence"].tolist() == expected_pool  # any row order reads back in pool order
 
 
 def test_conversion_rejects_lists_not_aligned_with_the_facts(tmp_path: Path, query_pairs: Path) -> None:
@@ -102,14 +102,14 @@ def test_conversion_names_the_malformed_member_and_item(tmp_path: Path, query_pa
 
 def test_load_sentences_errors_name_the_file(tmp_path: Path, query_pairs: Path) -> None:
     with pytest.raises(DataError, match=r"missing resource file .*stats.json.*convert_bing_distant.py"):
-        load_sentences(tmp_path / "nowhere")
+        load_sentences(tmp_path / "nowhere" / "sentences.parquet", tmp_path / "nowhere" / "stats.json")
     out = tmp_path / "res"
     _convert_module().convert(_tarball(tmp_path / "t.tar.xz", BAGS), out, query_pairs, level=3)
     table = pq.read_table(out / "sentences.parquet").to_pandas()
     table.loc[1, "kind"] = "t"
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), out / "sentences.parquet")
     with pytest.raises(DataError, match=r"sentences.parquet: row 1: kind 't'; expected 'th' or 'h'"):
-        load_sentences(out)
+        load_sentences(out / "sentences.parquet", out / "stats.json")
 
 
 def test_shipped_resource_matches_the_spec_counts() -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from kn.models.load import ModelLoadError, load_masked_lm, model_location, resolve_device
+from kn.layout import Layout
+from kn.models.load import ModelLoadError, load_masked_lm, resolve_device
 
 
 @pytest.mark.parametrize("fixture", ["tiny_bert_dir", "tiny_roberta_dir"])
@@ -56,11 +56,8 @@ def test_checkpoint_without_mlm_head_is_rejected(tiny_bert_dir, tmp_path):
         load_masked_lm(headless)
 
 
-def test_model_location_for_trained_and_pretrained():
-    trained = OmegaConf.create({"name": "kn-tiny", "source": "trained", "path": None})
-    pretrained = OmegaConf.create({"name": "bert", "source": "pretrained", "path": "bert-base-cased"})
-    assert Path(model_location(trained, "res")) == Path("res/kn-tiny/model")
-    assert model_location(pretrained, "res") == "bert-base-cased"
+def test_the_trained_organism_lives_under_its_alias():
+    assert Layout("res", "kn-tiny").trained_model == "res/kn-tiny/model"
 
 
 def test_resolve_device():

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
-from kn.attribution import activation_scores, ig_attribution, sparsify
-from kn.models import encode_prompts, load_masked_lm
+from kn.attribution import attribute_prompts
+from kn.models import adapter_for, load_masked_lm
+from kn.tables import SCORES, SHARD_PROMPTS
 from kn.stages import evaluate, evaluate_summary, kn_analysis, refine
 from kn.stages.cli import run_stage
 from tests.fact_model import TEMPLATES, build_fact_model
@@ -33,7 +33,7 @@ SUMMARY_OUTPUTS = {
 def stage_config(model_dir: Path) -> list[str]:
     """Overrides every stage of the run gets: the fact model, all facts studied, small dose/bootstrap."""
     return ["model.source=pretrained", f"model.path={model_dir}", "model.name=fact", "study.facts_per_relation=null",
-            "evaluate.dose_ks=[1,2,50]", "evaluate.bootstrap=50", "evaluate.inter_draws=3"]
+            "evaluate.dose_ks=[1,2,50]", "evaluate.bootstrap=50", "analysis.inter_draws=3"]
 
 
 def relation_table(relation: str) -> pd.DataFrame:
@@ -43,23 +43,20 @@ def relation_table(relation: str) -> pd.DataFrame:
                                        "template_id", "template", "prompt"])
 
 
-def write_attribution(model, tokenizer, prompts: pd.DataFrame, shard: Path) -> None:
+def write_attribution(model, tokenizer, prompts: pd.DataFrame, scores_path: Path, prompts_path: Path) -> None:
     """One attribution shard + prompt table as the attribute stage writes them (docs/CONTRACTS.md)."""
-    encoded = encode_prompts(tokenizer, prompts["prompt"].tolist())
-    gold = torch.tensor([tokenizer.convert_tokens_to_ids(o) for o in prompts["object"]])
-    plain = activation_scores(model, encoded, gold)
-    frames = []
-    for method, scores in (("ig", ig_attribution(model, encoded, gold, progress=False)), ("base", plain.activations)):
-        stored = sparsify(scores, 0.1)
-        frames.append(pd.DataFrame({
-            "relation": prompts["relation"].to_numpy()[stored["prompt"]], "fact_id": prompts["fact_id"].to_numpy()[stored["prompt"]],
-            "template_id": prompts["template_id"].to_numpy()[stored["prompt"]], "method": method,
-            "layer": stored["layer"], "neuron": stored["neuron"], "score": stored["score"]}))
-    shard.parent.mkdir(parents=True, exist_ok=True)
-    pd.concat(frames, ignore_index=True).to_parquet(shard)
-    prompts.assign(gold_id=gold.numpy(), gold_prob=plain.target_prob.numpy())[
-        ["relation", "fact_id", "template_id", "gold_id", "gold_prob"]].to_parquet(
-        shard.with_name(shard.name.replace(".parquet", ".prompts.parquet")))
+    relation = str(prompts["relation"].iloc[0])
+    scores, table = attribute_prompts(model, tokenizer, prompts, relation, m=20, alpha_rule="left", target="gold",
+                                      batch_size=64, dtype="float32", storage_ratio=0.1)
+    adapter = adapter_for(model)
+    record = {"n_layers": adapter.n_layers, "ffn_size": adapter.ffn_size}
+    SCORES.write(scores_path, scores, record)
+    SHARD_PROMPTS.write(prompts_path, table, record)
+
+
+def shard_args(root: Path, relation: str) -> list[str]:
+    return [f"--in=scores:000={root}/attributions/{relation}/000.parquet",
+            f"--in=prompts:000={root}/attributions/{relation}/000.prompts.parquet"]
 
 
 @pytest.fixture(scope="session")
@@ -71,23 +68,25 @@ def evaluation_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for relation in RELATIONS:
         table = relation_table(relation)
         table.to_parquet(root / f"data_{relation}.parquet")
-        write_attribution(model, tokenizer, table, root / "attributions" / relation / "000.parquet")
-        run_stage(refine.main, "refine", ["--relation", relation, f"--in=scores000={root}/attributions/{relation}/000.parquet",
+        write_attribution(model, tokenizer, table, root / "attributions" / relation / "000.parquet",
+                          root / "attributions" / relation / "000.prompts.parquet")
+        run_stage(refine.main, ["--relation", relation, *shard_args(root, relation),
                                           f"--out=neurons={root}/neurons/{relation}.parquet",
                                           f"--out=summary={root}/neurons/{relation}.json", *config])
     data = [f"--in=data:{r}={root}/data_{r}.parquet" for r in RELATIONS]
     for relation in RELATIONS:
-        run_stage(evaluate.main, "evaluate", ["--relation", relation, f"--in=neurons={root}/neurons/{relation}.parquet",
-                                              f"--in=scores000={root}/attributions/{relation}/000.parquet", *data,
+        run_stage(evaluate.main, ["--relation", relation, f"--in=neurons={root}/neurons/{relation}.parquet",
+                                              *shard_args(root, relation), *data,
                                               f"--out=results={root}/evaluate/{relation}.parquet",
                                               f"--out=dose={root}/evaluate/{relation}.dose.parquet", *config])
-    run_stage(evaluate_summary.main, "summary", [
+    run_stage(evaluate_summary.main, [
         *[f"--in=results:{r}={root}/evaluate/{r}.parquet" for r in RELATIONS],
         *[f"--in=dose:{r}={root}/evaluate/{r}.dose.parquet" for r in RELATIONS],
         *[f"--out={name}={root}/summary/{file}" for name, file in SUMMARY_OUTPUTS.items()], *config])
     analysis_outputs = {"stats": "json", "table": "csv", "markdown": "md", "per_relation": "csv", "layers": "csv",
                         "figure_png": "png", "figure_pdf": "pdf"}
-    run_stage(kn_analysis.main, "analysis", [
+    run_stage(kn_analysis.main, [
         *[f"--in=neurons:{r}={root}/neurons/{r}.parquet" for r in RELATIONS],
+        *[f"--in=record:{r}={root}/neurons/{r}.json" for r in RELATIONS],
         *[f"--out={name}={root}/analysis/{name}.{ext}" for name, ext in analysis_outputs.items()], *config])
     return root

@@ -36,7 +36,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     pd.DataFrame(rows, columns=COLUMNS).to_parquet(data)
     overrides = [
         "model.source=pretrained", f"model.path={model_dir}", "model.name=tiny", f"results_dir={root}",
-        "study.facts_per_relation=5", "ig.facts_per_shard=2", "ig.m=4", "ig.batch_size=8", "ig.device=cpu",
+        "study.facts_per_relation=5", "ig.facts_per_shard=2", "ig.m=4", "ig.batch_size=8", "device=cpu",
     ]
     return {"root": root, "model_dir": model_dir, "data": data, "overrides": overrides}
 
@@ -45,7 +45,7 @@ def run_shard(setup: dict, shard: int, out: Path, *extra: str) -> tuple[Path, Pa
     scores, prompts = out / f"{shard:03d}.parquet", out / f"{shard:03d}.prompts.parquet"
     argv = ["--relation", "P36", "--shard", str(shard), "--in", f"data={setup['data']}",
             "--out", f"scores={scores}", "--out", f"prompts={prompts}", *setup["overrides"], *extra]
-    run_stage(stage.main, "attribute", argv)
+    run_stage(stage.main, argv)
     return scores, prompts
 
 

@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 
 from kn.data.bing import bags_to_table
-from kn.distant import mask_tail
+from kn.distant import mask_tail, shown_ranks
 from kn.io import read_provenance, write_parquet
 from kn.stages import distant, distant_summary, distant_triggers
 from kn.stages.cli import run_stage
+from kn.tables import NEURONS as NEURONS_TABLE
+from kn.tables import RELATION_PROMPTS
 
 FACTS = [("Paris", "France"), ("Berlin", "Germany"), ("Rome", "Italy"), ("Madrid", "Castile")]
 BAGS = {
@@ -35,8 +37,10 @@ NEURONS = [  # (method, fact_id, layer, neuron, order); fact 3 has no KN at all,
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("distant-inputs")
-    rows = [("P1", "capital of", fact_id, s, o, 0, "[X] is the capital of [Y] .") for fact_id, (s, o) in enumerate(FACTS)]
-    data = pd.DataFrame(rows, columns=["relation", "relation_label", "fact_id", "subject", "object", "template_id", "template"])
+    template = "[X] is the capital of [Y] ."
+    rows = [("P1", "capital of", "N-1", fact_id, s, o, 0, template, template.replace("[X]", s).replace("[Y]", "[MASK]"))
+            for fact_id, (s, o) in enumerate(FACTS)]
+    data = pd.DataFrame(rows, columns=RELATION_PROMPTS.columns)
     write_parquet(root / "P1.parquet", data)
     neurons = pd.DataFrame([("P1", *row) for row in NEURONS], columns=["relation", "method", "fact_id", "layer", "neuron", "order"])
     write_parquet(root / "neurons.parquet", neurons)
@@ -49,13 +53,14 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _config(model_dir: Path, *extra: str) -> list[str]:
     return ["model.source=pretrained", f"model.path={model_dir}", "model.name=tiny", "study.facts_per_relation=null",
-            "ig.device=cpu", "distant.batch_size=2", *extra]  # fmt: skip
+            "device=cpu", "distant.batch_size=2", *extra]  # fmt: skip
 
 
 def _run_distant(inputs: Path, model_dir: Path, out: Path, *extra: str) -> Path:
-    run_stage(distant.main, "distant", [
+    run_stage(distant.main, [
         "--relation", "P1", f"--in=data={inputs}/P1.parquet", f"--in=neurons={inputs}/neurons.parquet",
-        f"--in=sentences={inputs}/bing/sentences.parquet", f"--out=facts={out}/P1.facts.parquet",
+        f"--in=sentences={inputs}/bing/sentences.parquet", f"--in=sentence_stats={inputs}/bing/stats.json",
+        f"--out=facts={out}/P1.facts.parquet",
         f"--out=sentences={out}/P1.sentences.parquet", f"--out=activations={out}/P1.activations.parquet",
         *_config(model_dir, *extra),
     ])  # fmt: skip
@@ -111,10 +116,11 @@ def test_distant_is_deterministic_and_seeded(stage4: Path, inputs: Path, tiny_be
 
 
 def test_distant_names_a_relation_mismatch(inputs: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match=r"P1.parquet: holds relation 'P1', but the job is for P2"):
-        run_stage(distant.main, "distant", [
+    with pytest.raises(SystemExit, match=r"P1.parquet: holds relation\(s\) \['P1'\]; expected only P2"):
+        run_stage(distant.main, [
             "--relation", "P2", f"--in=data={inputs}/P1.parquet", f"--in=neurons={inputs}/neurons.parquet",
-            f"--in=sentences={inputs}/bing/sentences.parquet", f"--out=facts={tmp_path}/f.parquet",
+            f"--in=sentences={inputs}/bing/sentences.parquet", f"--in=sentence_stats={inputs}/bing/stats.json",
+            f"--out=facts={tmp_path}/f.parquet",
             f"--out=sentences={tmp_path}/s.parquet", f"--out=activations={tmp_path}/a.parquet", *_config(tiny_bert_dir),
         ])  # fmt: skip
 
@@ -123,7 +129,7 @@ def test_summary_tables_figure_and_triggers(stage4: Path, inputs: Path, tiny_ber
     out = tmp_path / "summary"
     names = ("fact_means", "by_relation", "overall", "usability", "markdown", "figure_png", "figure_pdf")
     files = dict(zip(names, ("fact_means.parquet", "by_relation.csv", "overall.csv", "usability.csv", "activation.md", "distant.png", "distant.pdf")))
-    run_stage(distant_summary.main, "distant_summary", [
+    run_stage(distant_summary.main, [
         *[f"--in={kind}:P1={stage4}/P1.{kind}.parquet" for kind in ("facts", "sentences", "activations")],
         *[f"--out={name}={out}/{file}" for name, file in files.items()], *_config(tiny_bert_dir),
     ])  # fmt: skip
@@ -139,7 +145,7 @@ def test_summary_tables_figure_and_triggers(stage4: Path, inputs: Path, tiny_ber
     assert (out / "distant.png").read_bytes()[:4] == b"\x89PNG" and (out / "distant.pdf").read_bytes()[:4] == b"%PDF"
     assert "## How usable the web sentences are" in (out / "activation.md").read_text()
 
-    run_stage(distant_triggers.main, "distant_triggers", [
+    run_stage(distant_triggers.main, [
         "--relation", "P1", f"--in=data={inputs}/P1.parquet", *[f"--in={k}={stage4}/P1.{k}.parquet" for k in ("facts", "sentences", "activations")],
         f"--out=markdown={out}/triggers/P1.md", *_config(tiny_bert_dir, "distant.trigger_lines=2"),
     ])  # fmt: skip
@@ -153,22 +159,21 @@ def test_summary_tables_figure_and_triggers(stage4: Path, inputs: Path, tiny_ber
 
 
 def test_shown_ranks_keep_top_and_bottom() -> None:
-    assert distant_triggers.shown_ranks(3, 20) == [0, 1, 2]
-    assert distant_triggers.shown_ranks(10, 5) == [0, 1, 2, 8, 9]
+    assert shown_ranks(3, 20) == [0, 1, 2]
+    assert shown_ranks(10, 5) == [0, 1, 2, 8, 9]
 
 
 def test_a_relation_without_knowledge_neurons_gives_empty_tables(inputs: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:
-    empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in [("relation", str), ("method", str), ("fact_id", "int32"),
-                                                             ("layer", "int16"), ("neuron", "int32"), ("order", "int32")]})  # fmt: skip
-    write_parquet(tmp_path / "neurons.parquet", empty)
-    run_stage(distant.main, "distant", [
+    NEURONS_TABLE.write(tmp_path / "neurons.parquet", NEURONS_TABLE.empty(), {})
+    run_stage(distant.main, [
         "--relation", "P1", f"--in=data={inputs}/P1.parquet", f"--in=neurons={tmp_path}/neurons.parquet",
-        f"--in=sentences={inputs}/bing/sentences.parquet", *[f"--out={k}={tmp_path}/P1.{k}.parquet" for k in ("facts", "sentences", "activations")],
+        f"--in=sentences={inputs}/bing/sentences.parquet", f"--in=sentence_stats={inputs}/bing/stats.json",
+        *[f"--out={k}={tmp_path}/P1.{k}.parquet" for k in ("facts", "sentences", "activations")],
         *_config(tiny_bert_dir),
     ])  # fmt: skip
     assert pd.read_parquet(tmp_path / "P1.activations.parquet").empty
     assert set(pd.read_parquet(tmp_path / "P1.facts.parquet")["status_ig"]) == {"no_kn", "no_exmp"}
-    run_stage(distant_summary.main, "distant_summary", [
+    run_stage(distant_summary.main, [
         *[f"--in={k}:P1={tmp_path}/P1.{k}.parquet" for k in ("facts", "sentences", "activations")],
         *[f"--out={name}={tmp_path}/out/{name}.{ext}" for name, ext in [("fact_means", "parquet"), ("by_relation", "csv"), ("overall", "csv"),
                                                                        ("usability", "csv"), ("markdown", "md"), ("figure_png", "png"), ("figure_pdf", "pdf")]],

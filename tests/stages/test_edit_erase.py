@@ -15,7 +15,7 @@ from .test_edit_update import SHARED, SUBJECTS, fact_neurons, study, tree_digest
 def test_erase_stage_outputs(study, tmp_path):
     model_files = tree_digest(study["model_dir"])
     csv, md = tmp_path / "erase.csv", tmp_path / "erase.md"
-    run_stage(stage.main, "edit_erase", [*study["inputs"], "--out", f"erase_csv={csv}", "--out", f"erase_md={md}", *study["overrides"]])
+    run_stage(stage.main, [*study["inputs"], "--out", f"erase_csv={csv}", "--out", f"erase_md={md}", *study["overrides"]])
     assert tree_digest(study["model_dir"]) == model_files
 
     table = pd.read_csv(csv)

@@ -59,7 +59,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     overrides = [
         "model.source=pretrained", f"model.path={model_dir}", f"results_dir={root}", "study.facts_per_relation=null",
         "data.relations=[P101,P19]", "edit.edits_per_relation=3", "edit.max_attempts=60", "edit.kn_filter=paper",
-        "ig.device=cpu", "erase.relations=[P19,P27]", "erase.top_k=2",
+        "device=cpu", "erase.relations=[P19,P27]", "erase.top_k=2",
     ]
     return {"root": root, "model_dir": model_dir, "inputs": args, "overrides": overrides}
 
@@ -76,7 +76,7 @@ def tree_digest(folder: Path) -> str:
 def run_update_stage(study: dict, out: Path) -> dict[str, Path]:
     outputs = {"update": out / "update.parquet", "summary_csv": out / "update_summary.csv", "summary_md": out / "update_summary.md"}
     argv = [*study["inputs"], *[f"--out={k}={v}" for k, v in outputs.items()], *study["overrides"]]
-    run_stage(stage.main, "edit_update", argv)
+    run_stage(stage.main, argv)
     return outputs
 
 
@@ -117,4 +117,4 @@ def test_update_stage_is_deterministic(study, tmp_path):
 def test_update_stage_rejects_mismatched_inputs(study, tmp_path):
     argv = [*study["inputs"][:2], "--out", f"update={tmp_path / 'u.parquet'}", *study["overrides"]]
     with pytest.raises(SystemExit, match="no --in neurons:<key>=PATH"):
-        run_stage(stage.main, "edit_update", argv)
+        run_stage(stage.main, argv)

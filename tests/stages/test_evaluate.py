@@ -10,7 +10,7 @@ from kn.interventions import draw_other_facts
 from kn.stages import evaluate
 from kn.stages.cli import run_stage
 from tests.fact_model import BERLIN_UNIT, LAST, PARIS_UNIT
-from tests.stages.evaluation_run import RELATIONS, evaluation_run, stage_config  # noqa: F401 (session fixture)
+from tests.stages.evaluation_run import RELATIONS, evaluation_run, shard_args, stage_config  # noqa: F401 (session fixture)
 
 
 def test_evaluate_suppresses_the_constructed_neurons(evaluation_run: Path) -> None:
@@ -40,8 +40,8 @@ def test_neurons_and_dose_follow_the_construction(evaluation_run: Path) -> None:
 
 def test_evaluate_is_deterministic(evaluation_run: Path, tmp_path: Path) -> None:
     config = stage_config(evaluation_run / "model")
-    run_stage(evaluate.main, "evaluate", ["--relation", "P1", f"--in=neurons={evaluation_run}/neurons/P1.parquet",
-                                          f"--in=scores000={evaluation_run}/attributions/P1/000.parquet",
+    run_stage(evaluate.main, ["--relation", "P1", f"--in=neurons={evaluation_run}/neurons/P1.parquet",
+                                          *shard_args(evaluation_run, "P1"),
                                           *[f"--in=data:{r}={evaluation_run}/data_{r}.parquet" for r in RELATIONS],
                                           f"--out=results={tmp_path}/P1.parquet", f"--out=dose={tmp_path}/P1.dose.parquet",
                                           *config])

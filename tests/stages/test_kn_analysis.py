@@ -22,21 +22,20 @@ def test_kn_analysis_outputs(evaluation_run: Path) -> None:
     assert (evaluation_run / "analysis" / "figure_pdf.pdf").stat().st_size > 1000
 
 
-def test_single_relation_writes_strict_json(tmp_path: Path, tiny_bert_dir: Path) -> None:
+def test_single_relation_writes_strict_json(tmp_path: Path) -> None:
     from kn.stages import kn_analysis
     from kn.stages.cli import run_stage
 
     neurons = pd.DataFrame({"relation": "P1", "method": ["ig", "ig", "base"], "fact_id": [0, 1, 0],
                             "layer": [1, 1, 0], "neuron": [3, 3, 2], "order": [0, 0, 0]})
     neurons.to_parquet(tmp_path / "P1.parquet")
-    record = {m: {"n_facts": 3, "in_target": True, "avg_kn": 0.0, "p": 0.7, "evaluations": [], "relation_level": []}
-              for m in ("ig", "base")}
-    (tmp_path / "P1.json").write_text(json.dumps(record))
+    record = {m: {"n_facts": 3, "fact_ids": [0, 1, 2], "in_target": True, "avg_kn": 0.0, "p": 0.7, "evaluations": [],
+                  "relation_level": []} for m in ("ig", "base")}
+    (tmp_path / "P1.json").write_text(json.dumps({**record, "n_layers": 2, "ffn_size": 8}))
     outputs = {"stats": "json", "table": "csv", "markdown": "md", "per_relation": "csv", "layers": "csv",
                "figure_png": "png", "figure_pdf": "pdf"}
-    run_stage(kn_analysis.main, "analysis", [f"--in=neurons:P1={tmp_path}/P1.parquet",
-                                             *[f"--out={k}={tmp_path}/out_{k}.{v}" for k, v in outputs.items()],
-                                             "model.source=pretrained", f"model.path={tiny_bert_dir}"])
+    run_stage(kn_analysis.main, [f"--in=neurons:P1={tmp_path}/P1.parquet", f"--in=record:P1={tmp_path}/P1.json",
+                                 *[f"--out={k}={tmp_path}/out_{k}.{v}" for k, v in outputs.items()]])
 
     def no_nan(token: str) -> None:
         raise AssertionError(f"non-standard JSON constant {token}")

@@ -13,7 +13,7 @@ import pytest
 from kn.data.pararel import build_bags
 from kn.io import read_provenance, write_parquet
 from kn.models.training import TRAINING_RECORD
-from kn.probe import PROBE_COLUMNS
+from kn.tables import PROBE
 from kn.stages import probe as probe_stage
 from kn.stages import probe_summary as summary_stage
 from kn.stages.cli import run_stage
@@ -35,15 +35,15 @@ def workspace(tmp_path_factory, tiny_bert_dir) -> dict[str, Path]:
         write_parquet(data / f"{rel}.parquet", prompts)
     probes = root / "probe"
     for rel in RELATIONS:
-        run_stage(probe_stage.main, "probe", ["--relation", rel, f"--in=data={data / rel}.parquet", f"--in=model={model}",
-                                              f"--out=probe={probes / rel}.parquet", "ig.device=cpu"])
+        run_stage(probe_stage.main, ["--relation", rel, f"--in=data={data / rel}.parquet", f"--in=model={model}",
+                                              f"--out=probe={probes / rel}.parquet", "device=cpu"])
     return {"root": root, "model": model, "data": data, "probes": probes}
 
 
 def test_probe_stage_writes_the_contract(workspace):
     table = pd.read_parquet(workspace["probes"] / "P101.parquet")
     prompts = pd.read_parquet(workspace["data"] / "P101.parquet")
-    assert list(table.columns) == PROBE_COLUMNS and len(table) == len(prompts)
+    assert list(table.columns) == PROBE.columns and len(table) == len(prompts)
     assert table["heldout"].tolist() == prompts["template_id"].isin([2, 5]).tolist()
     # the tiny vocabulary has "logic" (Alan Turing's field) but not every P101 object
     objects = dict(zip(prompts["fact_id"], prompts["object"]))
@@ -55,16 +55,17 @@ def test_probe_stage_writes_the_contract(workspace):
 
 
 def test_probe_stage_rejects_another_relations_data(workspace, tmp_path):
-    with pytest.raises(SystemExit, match="expected prompts of relation P19"):
-        run_stage(probe_stage.main, "probe", ["--relation", "P19", f"--in=data={workspace['data'] / 'P101.parquet'}",
+    with pytest.raises(SystemExit, match=r"P101.parquet: holds relation\(s\) \['P101'\]; expected only P19"):
+        run_stage(probe_stage.main, ["--relation", "P19", f"--in=data={workspace['data'] / 'P101.parquet'}",
                                               f"--in=model={workspace['model']}", f"--out=probe={tmp_path / 'x.parquet'}"])
 
 
 def test_probe_summary_stage(workspace):
     out = workspace["root"] / "summary"
-    run_stage(summary_stage.main, "probe_summary", [
-        f"--in=probe_dir={workspace['probes']}", f"--in=data_dir={workspace['data']}", f"--in=model={workspace['model']}",
-        f"--out=csv={out}.csv", f"--out=md={out}.md", "data.relations=[P101,P19]", "ig.device=cpu",
+    run_stage(summary_stage.main, [
+        *[f"--in=probe:{rel}={workspace['probes'] / rel}.parquet" for rel in RELATIONS],
+        *[f"--in=data:{rel}={workspace['data'] / rel}.parquet" for rel in RELATIONS], f"--in=model={workspace['model']}",
+        f"--out=csv={out}.csv", f"--out=md={out}.md", "device=cpu",
     ])
     table = pd.read_csv(f"{out}.csv").set_index("relation")
     assert list(table.index) == [*RELATIONS, "mean"]

@@ -11,21 +11,24 @@ import pytest
 from kn.io import read_provenance
 from kn.stages import refine as stage
 from kn.stages.cli import run_stage
+from kn.tables import SCORES, SHARD_PROMPTS
+
+
+SHAPE = {"n_layers": 2, "ffn_size": 10}  # what the attribute stage records about the model
 
 
 def write_shard(folder: Path, name: str, facts: dict[int, int], scores: list[tuple]) -> Path:
     """A shard with ``facts`` {fact_id: n_prompts} and score rows (method, fact, template, layer, neuron, score)."""
     folder.mkdir(parents=True, exist_ok=True)
     prompts = pd.DataFrame(
-        [("P1", f, t, 1.0, 1.0) for f, n in facts.items() for t in range(n)],
-        columns=["relation", "fact_id", "template_id", "ig_max", "base_max"],
+        [("P1", f, t, 7, 0.5, 7, "x", True, 1.0, 1.0) for f, n in facts.items() for t in range(n)],
+        columns=SHARD_PROMPTS.columns,
     )
     frame = pd.DataFrame(scores, columns=["method", "fact_id", "template_id", "layer", "neuron", "score"])
     frame.insert(0, "relation", "P1")
-    frame["score"] = frame["score"].astype("float32")
     path = folder / f"{name}.parquet"
-    frame.to_parquet(path)
-    prompts.to_parquet(folder / f"{name}.prompts.parquet")
+    SCORES.write(path, frame, SHAPE)
+    SHARD_PROMPTS.write(folder / f"{name}.prompts.parquet", prompts, SHAPE)
     return path
 
 
@@ -34,9 +37,10 @@ def in_all_prompts(method: str, fact: int, n: int, neurons: list[tuple[int, int]
 
 
 def run(shards: list[Path], out: Path, *overrides: str) -> tuple[pd.DataFrame, dict]:
-    argv = ["--relation", "P1", *[f"--in=scores{k:03d}={p}" for k, p in enumerate(shards)],
+    argv = ["--relation", "P1", *[f"--in=scores:{k:03d}={p}" for k, p in enumerate(shards)],
+            *[f"--in=prompts:{k:03d}={p.with_name(p.stem + '.prompts.parquet')}" for k, p in enumerate(shards)],
             f"--out=neurons={out}.parquet", f"--out=summary={out}.json", *overrides]
-    run_stage(stage.main, "refine", argv)
+    run_stage(stage.main, argv)
     return pd.read_parquet(f"{out}.parquet"), json.loads(Path(f"{out}.json").read_text())
 
 

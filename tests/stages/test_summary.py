@@ -19,19 +19,19 @@ def _write_results(root: Path) -> dict[str, Path]:
         "kn_stats": root / "kn_stats.json",
         "distant": root / "activation_overall.csv",
         "model_card": root / "model_card.md",
-        "benchmarks": root / "benchmarks",
+        "benchmark:P1/000": root / "benchmarks" / "P1" / "000.tsv",
     }
     paths["data_stats"].write_text(json.dumps({"totals": {"relations": 1, "facts": 4, "prompts": 20}}))
     paths["kn_stats"].write_text(json.dumps({"methods": {m: {"avg_kn_per_fact": 2.5, "intra_shared": 1.0, "inter_shared": None, "n_facts": 4} for m in ("ig", "base")}, "layer_share": {"ig": [0.25, 0.75]}}))
     pd.DataFrame([("all", "ig", 1, 4, 0.75, 0.5, 0.25)], columns=["subset", "method", "n_relations", "n_facts", "T1", "T2", "T3"]).to_csv(paths["distant"], index=False)
     paths["model_card"].write_text("# Model card: tiny\n\nA tiny model.\n")
-    (paths["benchmarks"] / "P1").mkdir(parents=True)
-    (paths["benchmarks"] / "P1" / "000.tsv").write_text("s\th:m:s\n6.0\t0:00:06\n")
+    paths["benchmark:P1/000"].parent.mkdir(parents=True)
+    paths["benchmark:P1/000"].write_text("s\th:m:s\n6.0\t0:00:06\n")
     return paths
 
 
 def _run(paths: dict[str, Path], out: Path) -> None:
-    run_stage(summary.main, "summary", [
+    run_stage(summary.main, [
         *[f"--in={name}={path}" for name, path in paths.items()],
         f"--in=table:distant_overall={paths['distant']}", f"--in=evaluate={out}/never-written.csv",
         f"--out=markdown={out}/summary.md", f"--out=table={out}/summary.csv", f"--out=html={out}/summary.html",

@@ -17,7 +17,7 @@ from kn.sweep import chance_jaccard, layer_matched_chance_jaccard
 def _record(name: str, suppress: float, ci_high: float, train_accuracy: float = 0.9, gold: float = 0.5) -> dict:
     record = {"variant": name, "factor": "stale", "value": "stale", "train_accuracy": train_accuracy,
               "majority_baseline": 0.25, "mean_gold_prob": gold, "ig_avg_kn": 3.0,
-              "base_avg_kn": 4.0, "ig_layer_share": [0.25, 0.75]}
+              "base_avg_kn": 4.0, "ig_layer_share": [0.25, 0.75], "n_layers": 2, "ffn_size": 4}
     for method in ("ig", "base", "random"):
         for metric, sign in (("suppress_own", -1), ("amplify_own", 1)):
             record[f"{metric}_{method}"] = sign * abs(suppress) if method == "ig" else 0.0
@@ -26,28 +26,21 @@ def _record(name: str, suppress: float, ci_high: float, train_accuracy: float = 
     return record
 
 
-def _neurons(path: Path, rows: list[tuple]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=["relation", "method", "fact_id", "layer", "neuron", "order"]).to_parquet(path)
-
-
 def test_sweep_summary_table_figure_and_seed_stability(tmp_path):
     records = {"baseline": _record("baseline", -0.03, -0.01, gold=0.8), "ffn512": _record("ffn512", -0.02, 0.004, train_accuracy=0.1),
                "seed1": _record("seed1", -0.04, -0.02)}
+    records["baseline"]["ig_neurons"] = [["P1", 0, 0, 1], ["P1", 0, 1, 2], ["P1", 1, 0, 5]]
+    records["seed1"]["ig_neurons"] = [["P1", 0, 1, 2], ["P1", 1, 1, 7]]
     inputs = []
     for name, record in records.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(record))
         inputs.append(f"--in=record:{name}={tmp_path / name}.json")
-    model = tmp_path / "sweep" / "{}" / "kn-tiny" / "neurons" / "P1.parquet"
-    _neurons(Path(str(model).format("baseline")), [("P1", "ig", 0, 0, 1, 0), ("P1", "ig", 0, 1, 2, 1), ("P1", "ig", 1, 0, 5, 0)])
-    _neurons(Path(str(model).format("seed1")), [("P1", "ig", 0, 1, 2, 0), ("P1", "ig", 1, 1, 7, 0)])
     out = tmp_path / "out"
-    run_stage(sweep_summary.main, "sweep_summary", [
+    run_stage(sweep_summary.main, [
         *inputs, f"--out=csv={out}/sweep.csv", f"--out=markdown={out}/sweep.md", f"--out=json={out}/sweep.json",
         f"--out=figure_png={out}/effects.png", f"--out=figure_pdf={out}/effects.pdf",
         f"--out=confidence_png={out}/confidence.png", f"--out=confidence_pdf={out}/confidence.pdf",
-        "experiment=organism-sweep", f"results_dir={tmp_path}", "sweep.only=[baseline,ffn512,seed1]",
-        "model.train.num_layers=2", "model.train.intermediate_size=4",
+        "experiment=organism-sweep", "sweep.only=[baseline,ffn512,seed1]",
     ])  # fmt: skip
 
     table = pd.read_csv(out / "sweep.csv")

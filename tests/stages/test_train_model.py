@@ -26,7 +26,7 @@ TOY = [
 def train(out: Path, *extra: str) -> dict[str, Path]:
     paths = {"model": out / "model", "card": out / "model_card.md", "metrics": out / "training" / "metrics.json",
              "loss": out / "training" / "loss.png"}
-    run_stage(stage.main, "train_model", ["--threads", "1", *[f"--out={k}={v}" for k, v in paths.items()], *TOY, *extra])
+    run_stage(stage.main, ["--threads", "1", *[f"--out={k}={v}" for k, v in paths.items()], *TOY, *extra])
     return paths
 
 
@@ -70,4 +70,4 @@ def test_same_config_gives_identical_weights(trained, tmp_path):
 
 def test_pretrained_config_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="model.source=trained"):
-        run_stage(stage.main, "train_model", ["--out=model=x", "model=bert-base-cased"])
+        run_stage(stage.main, ["--out=model=x", "model=bert-base-cased"])

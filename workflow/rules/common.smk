@@ -7,9 +7,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from kn.config import compose_config, flatten_overrides, model_location
+from kn.config import RUN_CONFIG_ENV, compose_config, flatten_overrides, run_config_text
 from kn.data.pararel import fact_counts, load_relations, select_relations
 from kn.integrity import quarantine_broken_parquet
+from kn.layout import Layout
+from kn.stages.sections import sections_of
+from kn.tables import study_fact_count
 
 
 OVERRIDES = list(config.get("overrides", []))
@@ -17,11 +20,18 @@ CFG = compose_config(OVERRIDES)
 CONDA_ENV = "../../environment.yml"  # relative to workflow/rules/; used with --use-conda
 RESULTS = CFG.results_dir
 MODEL = CFG.model.name
-RELATIONS = select_relations(list(load_relations(Path(CFG.data.resources_dir))), CFG.data.relations)
+L = Layout(RESULTS, MODEL)  # every result path (kn.layout); everything model-specific lives under results/<model>/
+ALL_RELATIONS = list(load_relations(Path(CFG.data.resources_dir)))
+RELATIONS = select_relations(ALL_RELATIONS, CFG.data.relations)
 FACT_COUNTS = fact_counts(Path(CFG.data.resources_dir), CFG.data.max_facts_per_relation)
 TARGETS = []  # every rules file appends its final outputs
-MODEL_DIR = f"{RESULTS}/{MODEL}"  # everything model-specific lives under results/<model alias>/
-MODEL_SPEC = model_location(CFG.model, RESULTS)  # trained dir, HF id or local path
+TRAINED = CFG.model.source == "trained"
+GPU = 1 if CFG.device == "cuda" else 0  # resources.gpu of the rules that run the model
+
+# The run's whole resolved config, written once per distinct config; every job's provenance
+# names it (kn.io.provenance), while the job itself receives only the sections it reads.
+RUN_CONFIG_SHA, RUN_CONFIG_TEXT = run_config_text(CFG, OVERRIDES)
+os.environ[RUN_CONFIG_ENV] = L.run_config(RUN_CONFIG_SHA)
 
 # A truncated/corrupt result file is moved aside before the DAG is built, so Snakemake
 # recomputes its job instead of handing it on (kn.integrity). Cluster jobs re-parse this
@@ -31,15 +41,23 @@ if workflow.is_main_process:
         print(f"kn: {_broken} is truncated or corrupt; moved to {_moved}, its job will rerun", file=sys.stderr)
 
 
+onstart:
+    from kn.io import write_text
+
+    if not Path(os.environ[RUN_CONFIG_ENV]).exists():
+        write_text(os.environ[RUN_CONFIG_ENV], RUN_CONFIG_TEXT)
+
+
 wildcard_constraints:
     relation=r"P\d+",
     model=r"[A-Za-z0-9_.\-]+",
     shard=r"\d+",
 
 
-def stage_args(*sections):
-    """Resolved config sections as quoted key=value overrides for a stage CLI (use in params:)."""
-    return " ".join(shlex.quote(o) for o in flatten_overrides(CFG, sections))
+def stage_args(stage):
+    """The config sections ``stage`` reads (kn.stages.sections), resolved, as quoted key=value params."""
+    sections = sections_of(stage)
+    return " ".join(shlex.quote(o) for o in flatten_overrides(CFG, list(CFG.keys()) if sections is None else sections))
 
 
 def user_overrides():
@@ -50,9 +68,7 @@ def user_overrides():
 
 def study_facts(relation):
     """Number of facts of ``relation`` that attribution and later stages study."""
-    n = FACT_COUNTS[relation]
-    cap = CFG.study.facts_per_relation
-    return n if cap is None else min(cap, n)
+    return study_fact_count(FACT_COUNTS[relation], CFG.study.facts_per_relation)
 
 
 def shards(relation):
@@ -61,52 +77,45 @@ def shards(relation):
     return [f"{k:03d}" for k in range((study_facts(relation) + per - 1) // per)]
 
 
-def pararel_resources(relation):
+def pararel_files(relations):
+    """The ParaRel resource files a stage reading ``relations`` depends on."""
     root = CFG.data.resources_dir
-    return [f"{root}/patterns/{relation}.jsonl", f"{root}/query_pairs.json", f"{root}/lama_relations.jsonl"]
+    return [*(f"{root}/patterns/{rel}.jsonl" for rel in relations), f"{root}/query_pairs.json", f"{root}/lama_relations.jsonl"]
 
 
 def model_input():
-    """Input that makes a rule wait for the trained organism (nothing for pretrained models)."""
-    return [f"{MODEL_DIR}/model"] if CFG.model.source == "trained" else []
+    """The trained organism's folder (a rule input and the stage's ``--in model``); nothing for pretrained models."""
+    return [L.trained_model] if TRAINED else []
 
 
-def relation_data(relation):
-    return f"{RESULTS}/data/relations/{relation}.parquet"
-
-
-def log_path(output_path):
-    """Logs mirror output paths under results/logs/."""
-    return f"{RESULTS}/logs/{output_path}.log"
-
-
-def bench_path(output_path):
-    """Benchmarks mirror output paths under results/benchmarks/."""
-    return f"{RESULTS}/benchmarks/{output_path}.tsv"
+MODEL_FLAG = " ".join(f"--in model={shlex.quote(path)}" for path in model_input())
 
 
 def all_targets(wildcards):
     return TARGETS
 
 
-def attribution_shards(relation):
-    """A relation's attribution score shards (docs/CONTRACTS.md, attribute)."""
-    return [f"{MODEL_DIR}/attributions/{relation}/{shard}.parquet" for shard in shards(relation)]
+def shard_inputs(relation):
+    """A relation's attribution shards and their prompt tables (docs/CONTRACTS.md, attribute)."""
+    return [L.scores(relation, shard) for shard in shards(relation)] + [L.shard_prompts(relation, shard) for shard in shards(relation)]
 
 
-def shard_prompt_tables(relation):
-    """The per-prompt tables written beside each attribution shard."""
-    return [f"{MODEL_DIR}/attributions/{relation}/{shard}.prompts.parquet" for shard in shards(relation)]
+def shard_args(relation):
+    """``--in scores:<k>=... --in prompts:<k>=...`` for every shard of ``relation``."""
+    return " ".join(
+        f"--in scores:{shard}={shlex.quote(L.scores(relation, shard))} --in prompts:{shard}={shlex.quote(L.shard_prompts(relation, shard))}"
+        for shard in shards(relation)
+    )
 
 
-def shard_args(paths):
-    """``--in scores<k>=<shard>`` flags: the stage reads each shard's .prompts.parquet from beside it."""
-    return " ".join(f"--in scores{k:03d}={shlex.quote(path)}" for k, path in enumerate(paths))
+def keyed_args(**kinds):
+    """``--in <kind>:<key>=<path>`` flags, for each ``kind={key: path}`` given."""
+    return " ".join(f"--in {kind}:{key}={shlex.quote(path)}" for kind, paths in kinds.items() for key, path in paths.items())
 
 
-def per_relation_args(name, paths):
-    """``--in <name>:<relation>=<path>`` flags, one per selected relation (same order as RELATIONS)."""
-    return " ".join(f"--in {name}:{rel}={shlex.quote(path)}" for rel, path in zip(RELATIONS, paths))
+def per_relation(path_of, relations=None):
+    """{relation: path_of(relation)} over the selected relations."""
+    return {rel: path_of(rel) for rel in (RELATIONS if relations is None else relations)}
 
 
 # Organism sweep (workflow/rules/sweep.smk)
@@ -123,7 +132,52 @@ def variant_config_arg(variant):
     return shlex.quote(f"overrides={json.dumps(variant_overrides_for(variant))}")
 
 
-def variant_targets(variant):
-    vcfg = compose_config(variant_overrides_for(variant))  # validates the variant's config early
-    model_dir = f"{vcfg.results_dir}/{vcfg.model.name}"
-    return [f"{model_dir}/model_card.md", f"{model_dir}/analysis/kn_stats.json", f"{model_dir}/evaluate/summary.csv"]
+def variant_layout(variant):
+    """The variant's own results layout (its config validated early)."""
+    vcfg = compose_config(variant_overrides_for(variant))
+    return Layout(vcfg.results_dir, vcfg.model.name)
+
+
+# Activating prompts (workflow/rules/distant.smk)
+DISTANT_KINDS = ("facts", "sentences", "activations")
+
+
+def distant_tables(relations=None):
+    """{kind: {relation: path}} of stage 4's per-relation tables."""
+    return {kind: per_relation(lambda rel, kind=kind: L.distant(rel, kind), relations) for kind in DISTANT_KINDS}
+
+
+def variant_files(variant):
+    """{input kind: {key: path}} of a finished variant run that sweep_collect reads."""
+    vcfg = compose_config(variant_overrides_for(variant))
+    vl = Layout(vcfg.results_dir, vcfg.model.name)
+    counts = fact_counts(Path(vcfg.data.resources_dir), vcfg.data.max_facts_per_relation)
+    relations = select_relations(ALL_RELATIONS, vcfg.data.relations)
+    per = vcfg.ig.facts_per_shard
+    shard_ids = {
+        rel: [f"{k:03d}" for k in range((study_fact_count(counts[rel], vcfg.study.facts_per_relation) + per - 1) // per)]
+        for rel in relations
+    }
+    main_outputs = [
+        vl.path("training/train_model"), vl.path("analysis/kn_stats"), vl.path("evaluate/summary"),
+        *(vl.relation_prompts(rel) for rel in relations), *(vl.neurons(rel) for rel in relations),
+        *(vl.evaluation(rel) for rel in relations),
+        *(vl.scores(rel, shard) for rel in relations for shard in shard_ids[rel]),
+    ]
+    return {
+        "metrics": {"": vl.path("training/metrics.json")},
+        "kn_stats": {"": vl.path("analysis/kn_stats.json")},
+        "effects": {"": vl.path("evaluate/summary.csv")},
+        "prompts": {f"{rel}/{shard}": vl.shard_prompts(rel, shard) for rel in relations for shard in shard_ids[rel]},
+        "record": {rel: vl.refine_record(rel) for rel in relations},
+        "neurons": {rel: vl.neurons(rel) for rel in relations},
+        "benchmark": {str(k): vl.benchmark(path) for k, path in enumerate(main_outputs)},
+    }
+
+
+def variant_args(variant):
+    """sweep_collect's ``--in`` flags for a variant."""
+    flags = []
+    for kind, paths in variant_files(variant).items():
+        flags += [f"--in {kind}={shlex.quote(p)}" if key == "" else f"--in {kind}:{key}={shlex.quote(p)}" for key, p in paths.items()]
+    return " ".join(flags)

@@ -3,42 +3,47 @@
 
 rule ingest_relation:
     input:
-        lambda wc: pararel_resources(wc.relation),
+        lambda wc: pararel_files([wc.relation]),
     output:
-        f"{RESULTS}/data/relations/{{relation}}.parquet",
+        L.relation_prompts("{relation}"),
     params:
-        overrides=stage_args("seed", "data.resources_dir", "data.max_facts_per_relation"),
+        overrides=stage_args("ingest_relation"),
     log:
-        log_path("data/relations/{relation}"),
+        L.log(L.relation_prompts("{relation}")),
     benchmark:
-        bench_path("data/relations/{relation}")
+        L.benchmark(L.relation_prompts("{relation}"))
+    threads: 1
+    resources:
+        mem_mb=2000,
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.ingest --relation {wildcards.relation} --out prompts={output} "
+        "python -m kn.stages.ingest_relation --relation {wildcards.relation} --out prompts={output} "
         "{params.overrides} > {log} 2>&1"
 
 
 rule ingest:
     input:
-        expand(f"{RESULTS}/data/relations/{{relation}}.parquet", relation=RELATIONS),
+        relations=list(per_relation(L.relation_prompts).values()),
     output:
-        prompts=f"{RESULTS}/data/prompts.parquet",
-        facts=f"{RESULTS}/data/facts.parquet",
-        stats=f"{RESULTS}/data/stats.json",
+        prompts=L.data("prompts.parquet"),
+        facts=L.data("facts.parquet"),
+        stats=L.data("stats.json"),
     params:
-        overrides=stage_args("seed", "data"),
-        relations_dir=lambda wc, input: os.path.dirname(input[0]),
+        overrides=stage_args("ingest"),
+        relations=keyed_args(relation=per_relation(L.relation_prompts)),
     log:
-        log_path("data/ingest"),
+        L.log(L.data("ingest")),
     benchmark:
-        bench_path("data/ingest")
+        L.benchmark(L.data("ingest"))
+    threads: 1
+    resources:
+        mem_mb=2000,
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.combine_data --in relations_dir={params.relations_dir} --out prompts={output.prompts} "
-        "--out facts={output.facts} "
+        "python -m kn.stages.ingest {params.relations} --out prompts={output.prompts} --out facts={output.facts} "
         "--out stats={output.stats} {params.overrides} > {log} 2>&1"
 
 
-TARGETS.append(f"{RESULTS}/data/stats.json")
+TARGETS.append(L.data("stats.json"))

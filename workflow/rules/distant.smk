@@ -2,71 +2,62 @@
 # [MASK] on T1 head+tail, T2 head-only and T3 random Bing sentences), its aggregation and
 # figure, and stage 5 (the most/least activating sentences) for distant.trigger_relations.
 
-DISTANT_RESOURCES = [f"{CFG.distant.resources_dir}/sentences.parquet", f"{CFG.distant.resources_dir}/stats.json"]
-DISTANT_DIR = f"{MODEL_DIR}/distant"
+SENTENCES = f"{CFG.distant.resources_dir}/sentences.parquet"
+SENTENCE_STATS = f"{CFG.distant.resources_dir}/stats.json"
 TRIGGER_RELATIONS = [rel for rel in CFG.distant.trigger_relations if rel in RELATIONS]
-DISTANT_CATEGORY = "4. Activating prompts"
-DISTANT_TABLES = {  # stage 4's per-relation outputs, by kind
-    kind: expand(f"{DISTANT_DIR}/{{relation}}.{kind}.parquet", relation=RELATIONS)
-    for kind in ("facts", "sentences", "activations")
-}
+DISTANT = "4. Activating prompts"
 
 
 rule distant:
     input:
         model_input(),
-        data=lambda wc: relation_data(wc.relation),
-        neurons=f"{MODEL_DIR}/neurons/{{relation}}.parquet",
-        resources=DISTANT_RESOURCES,
+        data=L.relation_prompts("{relation}"),
+        neurons=L.neurons("{relation}"),
+        sentences=SENTENCES,
+        sentence_stats=SENTENCE_STATS,
     output:
-        facts=f"{DISTANT_DIR}/{{relation}}.facts.parquet",
-        sentences=f"{DISTANT_DIR}/{{relation}}.sentences.parquet",
-        activations=f"{DISTANT_DIR}/{{relation}}.activations.parquet",
+        facts=L.distant("{relation}", "facts"),
+        sentences=L.distant("{relation}", "sentences"),
+        activations=L.distant("{relation}", "activations"),
     params:
-        overrides=stage_args(
-            "seed", "results_dir", "model", "study", "ig.device", "distant.resources_dir", "distant.max_len",
-            "distant.max_mask_word", "distant.head_redraws", "distant.batch_size",
-        ),
+        overrides=stage_args("distant"),
+        model=MODEL_FLAG,
     log:
-        log_path(f"{MODEL}/distant/{{relation}}"),
+        L.log(L.path("distant/{relation}")),
     benchmark:
-        bench_path(f"{MODEL}/distant/{{relation}}")
+        L.benchmark(L.path("distant/{relation}"))
     threads: 1
     resources:
         # the 476k-sentence pool takes ~1 GB in pandas; a pretrained BERT adds its weights and batch
-        mem_mb=2000 if CFG.model.source == "trained" else 6000,
-        gpu=1 if CFG.ig.device == "cuda" else 0,
+        mem_mb=2000 if TRAINED else 6000,
+        gpu=GPU,
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.distant --relation {wildcards.relation} --threads {threads} "
-        "--in data={input.data} --in neurons={input.neurons} --in sentences={input.resources[0]} "
-        "--out facts={output.facts} --out sentences={output.sentences} --out activations={output.activations} "
-        "{params.overrides} > {log} 2>&1"
+        "python -m kn.stages.distant --relation {wildcards.relation} --threads {threads} {params.model} "
+        "--in data={input.data} --in neurons={input.neurons} --in sentences={input.sentences} "
+        "--in sentence_stats={input.sentence_stats} --out facts={output.facts} --out sentences={output.sentences} "
+        "--out activations={output.activations} {params.overrides} > {log} 2>&1"
 
 
 rule distant_summary:
     input:
-        facts=DISTANT_TABLES["facts"],
-        sentences=DISTANT_TABLES["sentences"],
-        activations=DISTANT_TABLES["activations"],
+        [path for paths in distant_tables().values() for path in paths.values()],
     output:
-        fact_means=f"{DISTANT_DIR}/fact_means.parquet",
-        by_relation=report(f"{DISTANT_DIR}/activation_by_relation.csv", caption="../report/distant_by_relation.rst", category=DISTANT_CATEGORY),
-        overall=report(f"{DISTANT_DIR}/activation_overall.csv", caption="../report/distant_overall.rst", category=DISTANT_CATEGORY),
-        usability=report(f"{DISTANT_DIR}/usability.csv", caption="../report/distant_usability.rst", category=DISTANT_CATEGORY),
-        markdown=report(f"{DISTANT_DIR}/activation.md", caption="../report/distant_markdown.rst", category=DISTANT_CATEGORY),
-        figure_png=report(f"{DISTANT_DIR}/distant.png", caption="../report/distant_figure.rst", category=DISTANT_CATEGORY),
-        figure_pdf=f"{DISTANT_DIR}/distant.pdf",
+        fact_means=L.path("distant/fact_means.parquet"),
+        by_relation=report(L.path("distant/activation_by_relation.csv"), caption="../report/distant_by_relation.rst", category=DISTANT),
+        overall=report(L.path("distant/activation_overall.csv"), caption="../report/distant_overall.rst", category=DISTANT),
+        usability=report(L.path("distant/usability.csv"), caption="../report/distant_usability.rst", category=DISTANT),
+        markdown=report(L.path("distant/activation.md"), caption="../report/distant_markdown.rst", category=DISTANT),
+        figure_png=report(L.path("distant/distant.png"), caption="../report/distant_figure.rst", category=DISTANT),
+        figure_pdf=L.path("distant/distant.pdf"),
     params:
-        overrides=stage_args("seed", "model.name", "distant.max_len", "distant.max_unk_share"),
-        tables=lambda wc, input: " ".join(
-            per_relation_args(kind, getattr(input, kind)) for kind in ("facts", "sentences", "activations")
-        ),
+        overrides=stage_args("distant_summary"),
+        tables=keyed_args(**distant_tables()),
     log:
-        log_path(f"{MODEL}/distant/summary"),
+        L.log(L.path("distant/summary")),
     benchmark:
-        bench_path(f"{MODEL}/distant/summary")
+        L.benchmark(L.path("distant/summary"))
     threads: 1
     resources:
         mem_mb=1000,
@@ -81,24 +72,24 @@ rule distant_summary:
 
 rule distant_triggers:
     input:
-        data=lambda wc: relation_data(wc.relation),
-        facts=f"{DISTANT_DIR}/{{relation}}.facts.parquet",
-        sentences=f"{DISTANT_DIR}/{{relation}}.sentences.parquet",
-        activations=f"{DISTANT_DIR}/{{relation}}.activations.parquet",
+        data=L.relation_prompts("{relation}"),
+        facts=L.distant("{relation}", "facts"),
+        sentences=L.distant("{relation}", "sentences"),
+        activations=L.distant("{relation}", "activations"),
     output:
         markdown=report(
-            f"{DISTANT_DIR}/triggers/{{relation}}.md",
+            L.path("distant/triggers/{relation}.md"),
             caption="../report/distant_triggers.rst",
-            category=DISTANT_CATEGORY,
+            category=DISTANT,
             subcategory="Trigger sentences",
             labels={"relation": "{relation}"},
         ),
     params:
-        overrides=stage_args("seed", "model.name", "distant.trigger_lines"),
+        overrides=stage_args("distant_triggers"),
     log:
-        log_path(f"{MODEL}/distant/triggers/{{relation}}"),
+        L.log(L.path("distant/triggers/{relation}")),
     benchmark:
-        bench_path(f"{MODEL}/distant/triggers/{{relation}}")
+        L.benchmark(L.path("distant/triggers/{relation}"))
     threads: 1
     resources:
         mem_mb=500,
@@ -112,10 +103,10 @@ rule distant_triggers:
 
 TARGETS.extend(
     [
-        f"{DISTANT_DIR}/activation_overall.csv",
-        f"{DISTANT_DIR}/activation.md",
-        f"{DISTANT_DIR}/distant.png",
-        f"{DISTANT_DIR}/distant.pdf",
-        *expand(f"{DISTANT_DIR}/triggers/{{relation}}.md", relation=TRIGGER_RELATIONS),
+        L.path("distant/activation_overall.csv"),
+        L.path("distant/activation.md"),
+        L.path("distant/distant.png"),
+        L.path("distant/distant.pdf"),
+        *(L.path(f"distant/triggers/{rel}.md") for rel in TRIGGER_RELATIONS),
     ]
 )

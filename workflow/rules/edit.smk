@@ -1,38 +1,35 @@
 # Editing case studies: update facts (SPEC §7) and erase relations (SPEC §8). One job each:
 # the update sampling draws from one random stream across all relations (SPEC §13).
 
-
-# ``--in data:<rel>=... --in neurons:<rel>=...`` for every selected relation.
-EDIT_STUDY_ARGS = " ".join(
-    f"--in data:{rel}={shlex.quote(relation_data(rel))} --in neurons:{rel}={shlex.quote(f'{MODEL_DIR}/neurons/{rel}.parquet')}"
-    for rel in RELATIONS
-)
-EDIT_STUDY_SECTIONS = ("seed", "results_dir", "model", "study", "data.max_facts_per_relation", "data.relations", "ig.device")
+EDITING = "5. Editing"
+EDIT_INPUTS = [*per_relation(L.relation_prompts).values(), *per_relation(L.neurons).values()]
+EDIT_ARGS = keyed_args(data=per_relation(L.relation_prompts), neurons=per_relation(L.neurons))
 
 
 rule edit_update:
     input:
         model_input(),
-        neurons=expand(f"{MODEL_DIR}/neurons/{{relation}}.parquet", relation=RELATIONS),
-        data=[relation_data(rel) for rel in RELATIONS],
+        EDIT_INPUTS,
     output:
-        edits=f"{MODEL_DIR}/edit/update.parquet",
-        summary_csv=report(f"{MODEL_DIR}/edit/update_summary.csv", caption="../report/update_summary.rst", category="5. Editing"),
-        summary_md=f"{MODEL_DIR}/edit/update_summary.md",
+        edits=L.path("edit/update.parquet"),
+        summary_csv=report(L.path("edit/update_summary.csv"), caption="../report/update_summary.rst", category=EDITING),
+        summary_md=L.path("edit/update_summary.md"),
     params:
-        overrides=stage_args(*EDIT_STUDY_SECTIONS, "edit", "refine.relation_share"),
-        study=EDIT_STUDY_ARGS,
+        overrides=stage_args("edit_update"),
+        model=MODEL_FLAG,
+        study=EDIT_ARGS,
     log:
-        log_path(f"{MODEL}/edit/update"),
+        L.log(L.path("edit/update")),
     benchmark:
-        bench_path(f"{MODEL}/edit/update")
+        L.benchmark(L.path("edit/update"))
     threads: 1
     resources:
         mem_mb=3000,
+        gpu=GPU,
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.edit_update --threads {threads} {params.study} --out update={output.edits} "
+        "python -m kn.stages.edit_update --threads {threads} {params.study} {params.model} --out update={output.edits} "
         "--out summary_csv={output.summary_csv} --out summary_md={output.summary_md} "
         "{params.overrides} > {log} 2>&1"
 
@@ -40,34 +37,35 @@ rule edit_update:
 rule edit_erase:
     input:
         model_input(),
-        neurons=expand(f"{MODEL_DIR}/neurons/{{relation}}.parquet", relation=RELATIONS),
-        data=[relation_data(rel) for rel in RELATIONS],
+        EDIT_INPUTS,
     output:
-        erase_csv=report(f"{MODEL_DIR}/edit/erase.csv", caption="../report/erase.rst", category="5. Editing"),
-        erase_md=f"{MODEL_DIR}/edit/erase.md",
+        erase_csv=report(L.path("edit/erase.csv"), caption="../report/erase.rst", category=EDITING),
+        erase_md=L.path("edit/erase.md"),
     params:
-        overrides=stage_args(*EDIT_STUDY_SECTIONS, "erase"),
-        study=EDIT_STUDY_ARGS,
+        overrides=stage_args("edit_erase"),
+        model=MODEL_FLAG,
+        study=EDIT_ARGS,
     log:
-        log_path(f"{MODEL}/edit/erase"),
+        L.log(L.path("edit/erase")),
     benchmark:
-        bench_path(f"{MODEL}/edit/erase")
+        L.benchmark(L.path("edit/erase"))
     threads: 1
     resources:
         mem_mb=3000,
+        gpu=GPU,
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.edit_erase --threads {threads} {params.study} --out erase_csv={output.erase_csv} "
+        "python -m kn.stages.edit_erase --threads {threads} {params.study} {params.model} --out erase_csv={output.erase_csv} "
         "--out erase_md={output.erase_md} {params.overrides} > {log} 2>&1"
 
 
 TARGETS.extend(
     [
-        f"{MODEL_DIR}/edit/update.parquet",
-        f"{MODEL_DIR}/edit/update_summary.csv",
-        f"{MODEL_DIR}/edit/update_summary.md",
-        f"{MODEL_DIR}/edit/erase.csv",
-        f"{MODEL_DIR}/edit/erase.md",
+        L.path("edit/update.parquet"),
+        L.path("edit/update_summary.csv"),
+        L.path("edit/update_summary.md"),
+        L.path("edit/erase.csv"),
+        L.path("edit/erase.md"),
     ]
 )

@@ -1,66 +1,67 @@
 # Suppressing and amplifying knowledge neurons (SPEC §5): per relation, then the summary over relations.
 
+EFFECTS = "3. Suppress and amplify"
+
 
 rule evaluate:
     input:
         model_input(),
-        neurons=f"{MODEL_DIR}/neurons/{{relation}}.parquet",
-        scores=lambda wc: attribution_shards(wc.relation),
-        prompts=lambda wc: shard_prompt_tables(wc.relation),
-        data=expand(f"{RESULTS}/data/relations/{{relation}}.parquet", relation=RELATIONS),
+        lambda wc: shard_inputs(wc.relation),
+        neurons=L.neurons("{relation}"),
+        data=list(per_relation(L.relation_prompts).values()),  # other-relation prompts
     output:
-        results=f"{MODEL_DIR}/evaluate/{{relation}}.parquet",
-        dose=f"{MODEL_DIR}/evaluate/{{relation}}.dose.parquet",
+        results=L.evaluation("{relation}"),
+        dose=L.dose("{relation}"),
     params:
-        overrides=stage_args("seed", "model", "results_dir", "study", "evaluate"),
-        shards=lambda wc, input: shard_args(input.scores),
-        data=lambda wc, input: per_relation_args("data", input.data),
+        overrides=stage_args("evaluate"),
+        model=MODEL_FLAG,
+        shards=lambda wc: shard_args(wc.relation),
+        data=keyed_args(data=per_relation(L.relation_prompts)),
     log:
-        log_path(f"{MODEL}/evaluate/{{relation}}"),
+        L.log(L.evaluation("{relation}")),
     benchmark:
-        bench_path(f"{MODEL}/evaluate/{{relation}}")
+        L.benchmark(L.evaluation("{relation}"))
     threads: 1
     resources:
         mem_mb=4000,
-        gpu=1 if CFG.evaluate.device == "cuda" else 0,
+        gpu=GPU,
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.evaluate --relation {wildcards.relation} --threads {threads} "
+        "python -m kn.stages.evaluate --relation {wildcards.relation} --threads {threads} {params.model} "
         "--in neurons={input.neurons} {params.shards} {params.data} "
         "--out results={output.results} --out dose={output.dose} {params.overrides} > {log} 2>&1"
 
 
 rule evaluate_summary:
     input:
-        results=expand(f"{MODEL_DIR}/evaluate/{{relation}}.parquet", relation=RELATIONS),
-        dose=expand(f"{MODEL_DIR}/evaluate/{{relation}}.dose.parquet", relation=RELATIONS),
+        results=list(per_relation(L.evaluation).values()),
+        dose=list(per_relation(L.dose).values()),
     output:
-        json=f"{MODEL_DIR}/evaluate/summary.json",
-        csv=report(f"{MODEL_DIR}/evaluate/summary.csv", caption="../report/evaluate_summary.rst", category="3. Suppress and amplify"),
-        markdown=f"{MODEL_DIR}/evaluate/summary.md",
-        dose_csv=report(f"{MODEL_DIR}/evaluate/dose_response.csv", caption="../report/dose_response_csv.rst", category="3. Suppress and amplify"),
-        suppress_png=report(f"{MODEL_DIR}/evaluate/suppress.png", caption="../report/suppress.rst", category="3. Suppress and amplify"),
-        suppress_pdf=f"{MODEL_DIR}/evaluate/suppress.pdf",
-        amplify_png=report(f"{MODEL_DIR}/evaluate/amplify.png", caption="../report/amplify.rst", category="3. Suppress and amplify"),
-        amplify_pdf=f"{MODEL_DIR}/evaluate/amplify.pdf",
-        dose_png=report(f"{MODEL_DIR}/evaluate/dose_response.png", caption="../report/dose_response.rst", category="3. Suppress and amplify"),
-        dose_pdf=f"{MODEL_DIR}/evaluate/dose_response.pdf",
+        json=L.path("evaluate/summary.json"),
+        csv=report(L.path("evaluate/summary.csv"), caption="../report/evaluate_summary.rst", category=EFFECTS),
+        markdown=L.path("evaluate/summary.md"),
+        dose_csv=report(L.path("evaluate/dose_response.csv"), caption="../report/dose_response_csv.rst", category=EFFECTS),
+        suppress_png=report(L.path("evaluate/suppress.png"), caption="../report/suppress.rst", category=EFFECTS),
+        suppress_pdf=L.path("evaluate/suppress.pdf"),
+        amplify_png=report(L.path("evaluate/amplify.png"), caption="../report/amplify.rst", category=EFFECTS),
+        amplify_pdf=L.path("evaluate/amplify.pdf"),
+        dose_png=report(L.path("evaluate/dose_response.png"), caption="../report/dose_response.rst", category=EFFECTS),
+        dose_pdf=L.path("evaluate/dose_response.pdf"),
     params:
-        overrides=stage_args("seed", "evaluate"),
-        results=lambda wc, input: per_relation_args("results", input.results),
-        dose=lambda wc, input: per_relation_args("dose", input.dose),
+        overrides=stage_args("evaluate_summary"),
+        tables=keyed_args(results=per_relation(L.evaluation), dose=per_relation(L.dose)),
     log:
-        log_path(f"{MODEL}/evaluate/summary"),
+        L.log(L.path("evaluate/summary")),
     benchmark:
-        bench_path(f"{MODEL}/evaluate/summary")
+        L.benchmark(L.path("evaluate/summary"))
     threads: 1
     resources:
         mem_mb=2000,
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.evaluate_summary {params.results} {params.dose} "
+        "python -m kn.stages.evaluate_summary {params.tables} "
         "--out json={output.json} --out csv={output.csv} --out markdown={output.markdown} "
         "--out dose_csv={output.dose_csv} --out suppress_png={output.suppress_png} "
         "--out suppress_pdf={output.suppress_pdf} --out amplify_png={output.amplify_png} "
@@ -68,4 +69,4 @@ rule evaluate_summary:
         "{params.overrides} > {log} 2>&1"
 
 
-TARGETS.append(f"{MODEL_DIR}/evaluate/summary.json")
+TARGETS.append(L.path("evaluate/summary.json"))

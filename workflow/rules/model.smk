@@ -1,24 +1,21 @@
-# Models (issue 3): train the embedded organism kn-tiny, then probe what the model knows.
+# Models: train the embedded organism (model.source=trained), then probe what the model knows.
 
-ALL_RELATIONS = list(load_relations(Path(CFG.data.resources_dir)))  # training ignores data.relations
-MODEL_FLAG = " ".join(f"--in model={path}" for path in model_input())  # pretrained: the stage uses model.path
-
-if CFG.model.source == "trained":
+if TRAINED:
 
     rule train_model:
         input:
-            sorted({path for rel in ALL_RELATIONS for path in pararel_resources(rel)}),
+            pararel_files(ALL_RELATIONS),  # training reads every relation, whatever data.relations selects
         output:
-            model=directory(f"{MODEL_DIR}/model"),
-            card=report(f"{MODEL_DIR}/model_card.md", caption="../report/model_card.rst", category="1. Model"),
-            metrics=f"{MODEL_DIR}/training/metrics.json",
-            loss=report(f"{MODEL_DIR}/training/loss.png", caption="../report/training_loss.rst", category="1. Model"),
+            model=directory(L.trained_model),
+            card=report(L.path("model_card.md"), caption="../report/model_card.rst", category="1. Model"),
+            metrics=L.path("training/metrics.json"),
+            loss=report(L.path("training/loss.png"), caption="../report/training_loss.rst", category="1. Model"),
         params:
-            overrides=stage_args("seed", "data.resources_dir", "data.max_facts_per_relation", "model"),
+            overrides=stage_args("train_model"),
         log:
-            log_path(f"{MODEL}/training/train_model"),
+            L.log(L.path("training/train_model")),
         benchmark:
-            bench_path(f"{MODEL}/training/train_model")
+            L.benchmark(L.path("training/train_model"))
         threads: 1
         resources:
             mem_mb=4000,
@@ -29,60 +26,59 @@ if CFG.model.source == "trained":
             "--out card={output.card} --out metrics={output.metrics} --out loss={output.loss} "
             "{params.overrides} > {log} 2>&1"
 
-    TARGETS.append(f"{MODEL_DIR}/model_card.md")
+    TARGETS.append(L.path("model_card.md"))
 
 
 rule probe:
     input:
-        data=lambda wc: relation_data(wc.relation),
-        model=model_input(),
+        model_input(),
+        data=L.relation_prompts("{relation}"),
     output:
-        f"{MODEL_DIR}/probe/{{relation}}.parquet",
+        L.probe("{relation}"),
     params:
-        overrides=stage_args("seed", "model", "ig.device"),
-        model_flag=MODEL_FLAG,
+        overrides=stage_args("probe"),
+        model=MODEL_FLAG,
     log:
-        log_path(f"{MODEL}/probe/{{relation}}"),
+        L.log(L.probe("{relation}")),
     benchmark:
-        bench_path(f"{MODEL}/probe/{{relation}}")
+        L.benchmark(L.probe("{relation}"))
     threads: 1
     resources:
         mem_mb=3000,
-        gpu=1 if CFG.ig.device == "cuda" else 0,
+        gpu=GPU,
     conda:
         CONDA_ENV
     shell:
         "python -m kn.stages.probe --relation {wildcards.relation} --threads {threads} --in data={input.data} "
-        "{params.model_flag} --out probe={output} {params.overrides} > {log} 2>&1"
+        "{params.model} --out probe={output} {params.overrides} > {log} 2>&1"
 
 
 rule probe_summary:
     input:
-        probes=expand(f"{MODEL_DIR}/probe/{{relation}}.parquet", relation=RELATIONS),
-        data=[relation_data(rel) for rel in RELATIONS],
-        model=model_input(),
+        model_input(),
+        pararel_files(ALL_RELATIONS),  # relation use puts subjects into every relation's templates
+        probes=list(per_relation(L.probe).values()),
+        data=list(per_relation(L.relation_prompts).values()),
     output:
-        csv=report(f"{MODEL_DIR}/probe/accuracy.csv", caption="../report/probe_accuracy.rst", category="1. Model"),
-        md=f"{MODEL_DIR}/probe/accuracy.md",
+        csv=report(L.path("probe/accuracy.csv"), caption="../report/probe_accuracy.rst", category="1. Model"),
+        md=L.path("probe/accuracy.md"),
     params:
-        overrides=stage_args("seed", "data", "model", "ig.device"),
-        model_flag=MODEL_FLAG,
-        probe_dir=lambda wc, input: os.path.dirname(input.probes[0]),
-        data_dir=lambda wc, input: os.path.dirname(input.data[0]),
+        overrides=stage_args("probe_summary"),
+        model=MODEL_FLAG,
+        tables=keyed_args(probe=per_relation(L.probe), data=per_relation(L.relation_prompts)),
     log:
-        log_path(f"{MODEL}/probe/accuracy"),
+        L.log(L.path("probe/accuracy")),
     benchmark:
-        bench_path(f"{MODEL}/probe/accuracy")
+        L.benchmark(L.path("probe/accuracy"))
     threads: 1
     resources:
         mem_mb=3000,
-        gpu=1 if CFG.ig.device == "cuda" else 0,
+        gpu=GPU,
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.probe_summary --threads {threads} --in probe_dir={params.probe_dir} "
-        "--in data_dir={params.data_dir} {params.model_flag} --out csv={output.csv} --out md={output.md} "
-        "{params.overrides} > {log} 2>&1"
+        "python -m kn.stages.probe_summary --threads {threads} {params.tables} {params.model} "
+        "--out csv={output.csv} --out md={output.md} {params.overrides} > {log} 2>&1"
 
 
-TARGETS.extend([f"{MODEL_DIR}/probe/accuracy.csv", f"{MODEL_DIR}/probe/accuracy.md"])
+TARGETS.extend([L.path("probe/accuracy.csv"), L.path("probe/accuracy.md")])

@@ -3,18 +3,17 @@
 
 rule refine:
     input:
-        scores=lambda wc: attribution_shards(wc.relation),
-        prompts=lambda wc: shard_prompt_tables(wc.relation),
+        lambda wc: shard_inputs(wc.relation),
     output:
-        neurons=f"{MODEL_DIR}/neurons/{{relation}}.parquet",
-        summary=f"{MODEL_DIR}/neurons/{{relation}}.json",
+        neurons=L.neurons("{relation}"),
+        summary=L.refine_record("{relation}"),
     params:
-        overrides=stage_args("seed", "refine", "ig.storage_ratio"),
-        shards=lambda wc, input: shard_args(input.scores),
+        overrides=stage_args("refine"),
+        shards=lambda wc: shard_args(wc.relation),
     log:
-        log_path(f"{MODEL}/neurons/{{relation}}"),
+        L.log(L.neurons("{relation}")),
     benchmark:
-        bench_path(f"{MODEL}/neurons/{{relation}}")
+        L.benchmark(L.neurons("{relation}"))
     threads: 1
     resources:
         mem_mb=1000,
@@ -27,35 +26,34 @@ rule refine:
 
 rule kn_analysis:
     input:
-        model_input(),
-        neurons=expand(f"{MODEL_DIR}/neurons/{{relation}}.parquet", relation=RELATIONS),
-        summaries=expand(f"{MODEL_DIR}/neurons/{{relation}}.json", relation=RELATIONS),
+        neurons=list(per_relation(L.neurons).values()),
+        records=list(per_relation(L.refine_record).values()),
     output:
-        stats=f"{MODEL_DIR}/analysis/kn_stats.json",
-        table=report(f"{MODEL_DIR}/analysis/kn_stats.csv", caption="../report/kn_stats.rst", category="2. Knowledge neurons"),
-        markdown=f"{MODEL_DIR}/analysis/kn_stats.md",
-        per_relation=report(f"{MODEL_DIR}/analysis/kn_per_relation.csv", caption="../report/kn_per_relation.rst", category="2. Knowledge neurons"),
-        layers=report(f"{MODEL_DIR}/analysis/layer_distribution.csv", caption="../report/layer_distribution.rst", category="2. Knowledge neurons"),
-        figure_png=report(f"{MODEL_DIR}/analysis/kneurons_distribution.png", caption="../report/kneurons_distribution.rst", category="2. Knowledge neurons"),
-        figure_pdf=f"{MODEL_DIR}/analysis/kneurons_distribution.pdf",
+        stats=L.path("analysis/kn_stats.json"),
+        table=report(L.path("analysis/kn_stats.csv"), caption="../report/kn_stats.rst", category="2. Knowledge neurons"),
+        markdown=L.path("analysis/kn_stats.md"),
+        per_relation=report(L.path("analysis/kn_per_relation.csv"), caption="../report/kn_per_relation.rst", category="2. Knowledge neurons"),
+        layers=report(L.path("analysis/layer_distribution.csv"), caption="../report/layer_distribution.rst", category="2. Knowledge neurons"),
+        figure_png=report(L.path("analysis/kneurons_distribution.png"), caption="../report/kneurons_distribution.rst", category="2. Knowledge neurons"),
+        figure_pdf=L.path("analysis/kneurons_distribution.pdf"),
     params:
-        overrides=stage_args("seed", "model", "results_dir", "evaluate.inter_draws"),
-        neurons=lambda wc, input: per_relation_args("neurons", input.neurons),
+        overrides=stage_args("kn_analysis"),
+        tables=keyed_args(neurons=per_relation(L.neurons), record=per_relation(L.refine_record)),
     log:
-        log_path(f"{MODEL}/analysis/kn_stats"),
+        L.log(L.path("analysis/kn_stats")),
     benchmark:
-        bench_path(f"{MODEL}/analysis/kn_stats")
+        L.benchmark(L.path("analysis/kn_stats"))
     threads: 1
     resources:
         mem_mb=2000,
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.kn_analysis {params.neurons} "
+        "python -m kn.stages.kn_analysis {params.tables} "
         "--out stats={output.stats} --out table={output.table} --out markdown={output.markdown} "
         "--out per_relation={output.per_relation} --out layers={output.layers} "
         "--out figure_png={output.figure_png} --out figure_pdf={output.figure_pdf} "
         "{params.overrides} > {log} 2>&1"
 
 
-TARGETS.append(f"{MODEL_DIR}/analysis/kn_stats.json")
+TARGETS.append(L.path("analysis/kn_stats.json"))

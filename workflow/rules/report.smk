@@ -11,47 +11,44 @@ report: "../report/workflow.rst"
 SUMMARY_INPUTS = {
     name: path
     for name, (rule_name, path) in {
-        "data_stats": ("ingest", f"{RESULTS}/data/stats.json"),
-        "model_card": ("train_model", f"{MODEL_DIR}/model_card.md"),
-        "kn_stats": ("kn_analysis", f"{MODEL_DIR}/analysis/kn_stats.json"),
-        "evaluate": ("evaluate_summary", f"{MODEL_DIR}/evaluate/summary.csv"),
-        "update": ("edit_update", f"{MODEL_DIR}/edit/update_summary.csv"),
-        "erase": ("edit_erase", f"{MODEL_DIR}/edit/erase.csv"),
-        "distant": ("distant_summary", f"{MODEL_DIR}/distant/activation_overall.csv"),
-        "table:probe": ("probe_summary", f"{MODEL_DIR}/probe/accuracy.csv"),
-        "table:kn_stats": ("kn_analysis", f"{MODEL_DIR}/analysis/kn_stats.csv"),
-        "table:evaluate": ("evaluate_summary", f"{MODEL_DIR}/evaluate/summary.csv"),
-        "table:distant_overall": ("distant_summary", f"{MODEL_DIR}/distant/activation_overall.csv"),
-        "table:distant_usability": ("distant_summary", f"{MODEL_DIR}/distant/usability.csv"),
-        "table:update": ("edit_update", f"{MODEL_DIR}/edit/update_summary.csv"),
-        "table:erase": ("edit_erase", f"{MODEL_DIR}/edit/erase.csv"),
+        "data_stats": ("ingest", L.data("stats.json")),
+        "model_card": ("train_model", L.path("model_card.md")),
+        "kn_stats": ("kn_analysis", L.path("analysis/kn_stats.json")),
+        "evaluate": ("evaluate_summary", L.path("evaluate/summary.csv")),
+        "update": ("edit_update", L.path("edit/update_summary.csv")),
+        "erase": ("edit_erase", L.path("edit/erase.csv")),
+        "distant": ("distant_summary", L.path("distant/activation_overall.csv")),
+        "probe": ("probe_summary", L.path("probe/accuracy.csv")),
+        "table:probe": ("probe_summary", L.path("probe/accuracy.csv")),
+        "table:kn_stats": ("kn_analysis", L.path("analysis/kn_stats.csv")),
+        "table:evaluate": ("evaluate_summary", L.path("evaluate/summary.csv")),
+        "table:distant_overall": ("distant_summary", L.path("distant/activation_overall.csv")),
+        "table:distant_usability": ("distant_summary", L.path("distant/usability.csv")),
+        "table:update": ("edit_update", L.path("edit/update_summary.csv")),
+        "table:erase": ("edit_erase", L.path("edit/erase.csv")),
     }.items()
     if rules.has(rule_name)  # hasattr() would raise: Snakemake's Rules raises WorkflowError, not AttributeError
 }
+SUMMARY = "0. Summary"
+ATTRIBUTION_BENCHMARKS = {f"{rel}/{shard}": L.benchmark(L.scores(rel, shard)) for rel in RELATIONS for shard in shards(rel)}
 
 
 rule summary:
     input:
         list(dict.fromkeys(SUMMARY_INPUTS.values())),
+        ATTRIBUTION_BENCHMARKS.values(),
     output:
-        markdown=report(
-            f"{MODEL_DIR}/summary.md", caption="../report/summary_md.rst", category="0. Summary", labels={"file": "summary.md"}
-        ),
-        table=report(
-            f"{MODEL_DIR}/summary.csv", caption="../report/summary_csv.rst", category="0. Summary", labels={"file": "summary.csv"}
-        ),
-        html=report(
-            f"{MODEL_DIR}/summary.html", caption="../report/summary_html.rst", category="0. Summary", labels={"file": "summary.html"}
-        ),
+        markdown=report(L.path("summary.md"), caption="../report/summary_md.rst", category=SUMMARY, labels={"file": "summary.md"}),
+        table=report(L.path("summary.csv"), caption="../report/summary_csv.rst", category=SUMMARY, labels={"file": "summary.csv"}),
+        html=report(L.path("summary.html"), caption="../report/summary_html.rst", category=SUMMARY, labels={"file": "summary.html"}),
     params:
-        # the whole config: the summary prints it, so any change reruns it
-        overrides=stage_args(*CFG.keys()),
+        overrides=stage_args("summary"),  # the whole config: the summary prints it, so any change reruns it
         inputs=" ".join(f"--in {name}={shlex.quote(path)}" for name, path in SUMMARY_INPUTS.items()),
-        benchmarks=f"--in benchmarks={shlex.quote(bench_path(f'{MODEL}/attributions').removesuffix('.tsv'))}",
+        benchmarks=keyed_args(benchmark=ATTRIBUTION_BENCHMARKS),
     log:
-        log_path(f"{MODEL}/summary"),
+        L.log(L.path("summary")),
     benchmark:
-        bench_path(f"{MODEL}/summary")
+        L.benchmark(L.path("summary"))
     threads: 1
     resources:
         mem_mb=1000,
@@ -62,4 +59,4 @@ rule summary:
         "--out table={output.table} --out html={output.html} {params.overrides} > {log} 2>&1"
 
 
-TARGETS.extend([f"{MODEL_DIR}/summary.md", f"{MODEL_DIR}/summary.csv", f"{MODEL_DIR}/summary.html"])
+TARGETS.extend([L.path("summary.md"), L.path("summary.csv"), L.path("summary.html")])

@@ -73,7 +73,7 @@ def convert(tarball: Path, out_dir: Path, query_pairs: Path, level: int) -> dict
         },
     }
     write_json(out_dir / STATS_FILE, stats)
-    reread, reread_facts = load_sentences(out_dir)
+    reread, reread_facts = load_sentences(out_dir / SENTENCES_FILE, out_dir / STATS_FILE)
     if table_to_bags(reread, reread_facts) != bags:
         raise DataError(f"{out_dir / SENTENCES_FILE}: does not convert back to the tarball's lists")
     return stats

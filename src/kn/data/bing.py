@@ -137,15 +137,14 @@ def check_alignment(bags: Mapping[str, list[Any]], query_pairs: Mapping[str, lis
             )
 
 
-def load_sentences(resources_dir: str | Path) -> tuple[pd.DataFrame, dict[str, int]]:
-    """The shipped sentence table (in th+h pool order) and the fact count per relation.
+def load_sentences(table_path: str | Path, stats_path: str | Path) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The shipped sentence table (in th+h pool order) and the fact count per relation (from its stats file).
 
     Errors name the file and what was expected, so a missing or stale resource is obvious.
     """
     from kn.io import read_parquet
 
-    root = Path(resources_dir)
-    stats_path, table_path = root / STATS_FILE, root / SENTENCES_FILE
+    table_path, stats_path = Path(table_path), Path(stats_path)
     for path in (stats_path, table_path):
         if not path.is_file():
             raise DataError(

@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
+from kn.tables import FACTS, RELATION_PROMPTS
+
 MIN_TEMPLATES = 4  # relations with <= 3 templates are left out (SPEC §2)
 
 
@@ -149,11 +151,8 @@ def build_bags(
             for template_id, template in enumerate(meta.templates):
                 prompt = template.replace("[X]", subject).replace("[Y]", "[MASK]")
                 prompt_rows.append((rel, meta.label, meta.lama_type, fact_id, subject, obj, template_id, template, prompt))
-    prompts = pd.DataFrame(
-        prompt_rows,
-        columns=["relation", "relation_label", "lama_type", "fact_id", "subject", "object", "template_id", "template", "prompt"],
-    )
-    facts = pd.DataFrame(fact_rows, columns=FACT_COLUMNS)
+    prompts = pd.DataFrame(prompt_rows, columns=RELATION_PROMPTS.columns)
+    facts = pd.DataFrame(fact_rows, columns=FACTS.columns)
     if facts.empty:
         raise DataError(f"empty selection: no facts for relations {chosen} with max_facts_per_relation={max_facts_per_relation}")
     for frame in (prompts, facts):
@@ -166,15 +165,12 @@ def build_bags(
     return prompts, facts
 
 
-FACT_COLUMNS = ["relation", "relation_label", "lama_type", "fact_id", "subject", "object", "n_templates"]
-
-
 def facts_from_prompts(prompts: pd.DataFrame) -> pd.DataFrame:
     """One row per fact (in prompt order) with its number of templates."""
     keys = ["relation", "relation_label", "lama_type", "fact_id", "subject", "object"]
     facts = prompts.groupby(keys, sort=False).size().rename("n_templates").reset_index()
     facts["n_templates"] = facts["n_templates"].astype("int32")
-    return facts[FACT_COLUMNS]
+    return facts[FACTS.columns]
 
 
 def official_layout(prompts: pd.DataFrame) -> str:

@@ -1,20 +1,18 @@
-"""Masked-LM loading, the per-architecture FFN map, and prompt encoding."""
+"""Models: loading, one adapter per architecture, prompt encoding, the batched forward pass, training."""
 
-from kn.models.arch import FFNLayout, ffn_activation_modules, ffn_layout, num_ffn_layers, value_projections
+from kn.models.adapters import Adapter, adapter_for, model_device, supported_architectures
 from kn.models.encoding import EncodedPrompts, encode_prompts, object_token_id
-from kn.models.load import ModelLoadError, load_masked_lm, model_location, resolve_device
+from kn.models.load import ModelLoadError, load_masked_lm, resolve_device
 
 __all__ = [
+    "Adapter",
     "EncodedPrompts",
-    "FFNLayout",
     "ModelLoadError",
+    "adapter_for",
     "encode_prompts",
-    "ffn_activation_modules",
-    "ffn_layout",
     "load_masked_lm",
-    "model_location",
-    "num_ffn_layers",
+    "model_device",
     "object_token_id",
     "resolve_device",
-    "value_projections",
+    "supported_architectures",
 ]

@@ -1,11 +1,12 @@
-"""A functional view of the post-LayerNorm encoder blocks of the supported masked LMs.
+"""A functional view of post-LayerNorm encoder blocks (BERT's layout).
 
 Integrated gradients (SPEC §3) perturbs one position of one layer's FFN activation and
 must recompute only what depends on it: resume a block *after* its FFN activation, run
 the top block for the [MASK] row alone, apply the MLM head to that row alone. The HF
-modules cannot do that, so this module reads each block's parameters once (detached:
-no parameter ever enters an autograd graph) and reimplements the block's forward pass
-with the same operations as HF's eager path. Tests compare it with the unmodified HF model.
+modules cannot do that, so the architecture adapters (kn.models.adapters) read each
+block's parameters once into an :class:`EncoderBlock` (detached: no parameter ever enters
+an autograd graph), which reimplements the block's forward pass with the same operations
+as HF's eager path. Tests compare it with the unmodified HF model.
 """
 
 from __future__ import annotations
@@ -16,10 +17,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from kn.models.arch import ffn_layout
-
-BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 
 
 @dataclass(frozen=True)
@@ -120,56 +117,3 @@ def attention_bias(attention_mask: Tensor, dtype: torch.dtype = torch.float32) -
     """
     bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
     return bias.masked_fill(attention_mask == 0, float("-inf"))[:, None, None, :]
-
-
-def _check_supported(model: nn.Module) -> str:
-    config = model.config
-    model_type = config.model_type
-    ffn_layout(model)  # unknown architectures fail with the FFN-map message
-    if model_type not in BERT_FAMILY + ("distilbert",):
-        raise ValueError(f"architecture {model_type!r} has no functional block map in kn.models.blocks")
-    if getattr(config, "is_decoder", False):
-        raise ValueError(f"{model_type} configured as a decoder (causal attention); IG expects a bidirectional encoder")
-    return model_type
-
-
-def encoder_blocks(model: nn.Module) -> list[EncoderBlock]:
-    """The model's blocks as :class:`EncoderBlock` (parameters detached, same device/dtype)."""
-    model_type = _check_supported(model)
-    layers = model.get_submodule(ffn_layout(model).layers)
-    blocks = []
-    for layer in layers:
-        if model_type == "distilbert":
-            attn = layer.attention
-            blocks.append(
-                EncoderBlock(
-                    Dense.of(attn.q_lin), Dense.of(attn.k_lin), Dense.of(attn.v_lin), Dense.of(attn.out_lin),
-                    Norm.of(layer.sa_layer_norm), Dense.of(layer.ffn.lin1), layer.ffn.activation,
-                    Dense.of(layer.ffn.lin2), Norm.of(layer.output_layer_norm), int(attn.n_heads),
-                )
-            )
-        else:
-            attn = layer.attention
-            blocks.append(
-                EncoderBlock(
-                    Dense.of(attn.self.query), Dense.of(attn.self.key), Dense.of(attn.self.value),
-                    Dense.of(attn.output.dense), Norm.of(attn.output.LayerNorm), Dense.of(layer.intermediate.dense),
-                    layer.intermediate.intermediate_act_fn, Dense.of(layer.output.dense),
-                    Norm.of(layer.output.LayerNorm), int(attn.self.num_attention_heads),
-                )
-            )
-    return blocks
-
-
-def mlm_head(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """The masked-LM head as a function of final hidden states [..., H] -> logits [..., V]."""
-    model_type = _check_supported(model)
-    if model_type == "bert":
-        return model.cls
-    if model_type == "electra":
-        return lambda hidden: model.generator_lm_head(model.generator_predictions(hidden))
-    if model_type == "distilbert":
-        return lambda hidden: model.vocab_projector(
-            model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
-        )
-    return model.lm_head  # the RoBERTa family

@@ -8,22 +8,22 @@ from typing import Any
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from kn.config import model_location  # noqa: F401  (re-exported; lives in kn.config so the Snakefile need not import torch)
-from kn.models.arch import ffn_layout
+from kn.models.adapters import adapter_for
 
 
 class ModelLoadError(ValueError):
     """The model could not be loaded; the message says how to provide it.
 
-    A ValueError (a bad model.path / ig.device value) so stage CLIs report it in one line.
+    A ValueError (a bad model.path / device value) so stage CLIs report it in one line.
     """
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The ``device`` config value as a torch device (auto: CUDA when torch sees it)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("ig.device=cuda but torch sees no CUDA device (torch.cuda.is_available() is False)")
+        raise ModelLoadError("device=cuda but torch sees no CUDA device (torch.cuda.is_available() is False)")
     return torch.device(name)
 
 
@@ -74,7 +74,7 @@ def load_masked_lm(
             f"{spec!r} has no trained masked-LM head (missing {head_missing[:3]}...); "
             "knowledge neurons need a checkpoint saved from a *ForMaskedLM / *ForPreTraining model"
         )
-    ffn_layout(model)  # fails early for architectures without an FFN map
+    adapter_for(model)  # fails early for architectures without an adapter
     if layer_norm_eps is not None:
         for module in model.modules():
             if isinstance(module, torch.nn.LayerNorm):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
@@ -27,7 +28,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-from kn.models.encoding import encode_prompts
+from kn.models.encoding import EncodedPrompts, encode_prompts, pad_sequences
+from kn.models.forward import score_targets
 from kn.schema import TrainConfig
 
 log = logging.getLogger("kn.training")
@@ -161,17 +163,6 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, generator: t
     return [batches[i] for i in shuffled]
 
 
-def pad_batch(examples: EncodedExamples, rows: Sequence[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(examples.input_ids[i]) for i in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, i in enumerate(rows):
-        seq = examples.input_ids[i]
-        ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention[r, : len(seq)] = 1
-    return ids, attention
-
-
 def mask_other_tokens(
     ids: torch.Tensor,
     attention: torch.Tensor,
@@ -203,23 +194,14 @@ def mask_other_tokens(
     return corrupted, labels
 
 
-@torch.no_grad()
-def object_accuracy(model: BertForMaskedLM, examples: EncodedExamples, pad_id: int, batch_size: int = 256) -> float:
+def object_accuracy(model: BertForMaskedLM, examples: EncodedExamples, batch_size: int = 256) -> float:
     """Top-1 accuracy at the object position over the full vocabulary (eval mode, no other masking)."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples.input_ids[i]))
-    correct = 0
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        ids, attention = pad_batch(examples, rows, pad_id)
-        hidden = model.bert(input_ids=ids, attention_mask=attention).last_hidden_state
-        positions = torch.tensor([examples.mask_positions[i] for i in rows])
-        logits = model.cls(hidden[torch.arange(len(rows)), positions])
-        gold = torch.tensor([examples.object_ids[i] for i in rows])
-        correct += int((logits.argmax(-1) == gold).sum())
+    encoded = EncodedPrompts(examples.input_ids, examples.mask_positions)
+    scores = score_targets(model, encoded, examples.object_ids, batch_size=batch_size)
     model.train(was_training)
-    return correct / max(1, len(examples))
+    return int((scores.pred == np.asarray(examples.object_ids)).sum()) / max(1, len(examples))
 
 
 @dataclass
@@ -274,7 +256,7 @@ def train_masked_lm(
         if not batches:
             batches = length_grouped_batches(lengths, recipe.batch_size, generator)
         rows = batches.pop()
-        ids, attention = pad_batch(train, rows, pad_id)
+        ids, attention = pad_sequences([train.input_ids[i] for i in rows], pad_id)
         positions = torch.tensor([train.mask_positions[i] for i in rows])
         gold = torch.tensor([train.object_ids[i] for i in rows])
         ids, other_labels = mask_other_tokens(
@@ -366,9 +348,9 @@ def train_organism(prompts: pd.DataFrame, vocabulary_objects: Iterable[str], rec
     held_sample = held.subset(evaluation_sample(len(held), recipe.eval_sample, recipe.seed))
 
     def evaluate(current: BertForMaskedLM) -> dict[str, float]:
-        scores = {"train_accuracy": object_accuracy(current, train_sample, pad_id)}
+        scores = {"train_accuracy": object_accuracy(current, train_sample)}
         if len(held_sample):
-            scores["heldout_accuracy"] = object_accuracy(current, held_sample, pad_id)
+            scores["heldout_accuracy"] = object_accuracy(current, held_sample)
         return scores
 
     history = train_masked_lm(model, train, recipe, pad_id, mask_id, tokenizer.all_special_ids, evaluate)
@@ -388,3 +370,94 @@ def read_heldout_templates(model_spec: str | Path) -> dict[str, list[int]]:
         raise ValueError(
             f"{record_path}: cannot read 'heldout_templates' ({exc}); expected {{relation: [template ids]}}"
         ) from exc
+
+
+def _pct(value: float) -> str:
+    return "n/a" if pd.isna(value) else f"{100 * value:.1f}%"
+
+
+def model_card(model_name: str, recipe_yaml: str, recipe: TrainConfig, resources_dir: str, max_facts: int | None,
+               organism: TrainedOrganism, table: pd.DataFrame, overall: dict, data: dict, loss_png: str) -> str:
+    """The organism's model card: data, recipe, training, what it knows (overall and per relation)."""
+    recipe_text = recipe_yaml.strip()
+    history = organism.history
+    heldout = ", ".join(f"{rel}: {ids}" for rel, ids in organism.heldout.items() if ids)
+    lines = [
+        f"# Model card: {model_name}",
+        "",
+        "A BERT masked language model trained from scratch by the `train_model` rule on ParaRel "
+        "(LAMA T-REx facts written through each relation's paraphrase templates, object masked). It is the "
+        "pipeline's embedded model organism: no pretrained English masked LM is available offline. "
+        "It knows only these facts and this template language; it is a test subject for knowledge-neuron "
+        "methods, not a general language model.",
+        "",
+        "## Data",
+        "",
+        f"- Resources: `{resources_dir}`; all {data['relations']} relations, first "
+        f"{max_facts} facts each: {data['facts']} facts, {data['distinct_objects']} distinct objects.",
+        f"- Training prompts: {organism.train_prompts}; held-out-template prompts: {organism.heldout_prompts}.",
+        f"- Held-out templates (relations with >= {recipe.heldout_min_templates} templates, "
+        f"{recipe.heldout_templates} each, seeded draw): {heldout or 'none'}.",
+        f"- Tokenizer: cased WordPiece trained with `tokenizers` on the filled prompts; vocabulary "
+        f"{len(organism.tokenizer.get_vocab())} entries, every one of the {data['vocabulary_objects']} ParaRel object "
+        "labels a single token.",
+        "",
+        "## Recipe",
+        "",
+        f"Seed {recipe.seed} (`model.train.seed`); every key below is a Hydra override `model.train.<key>=...`.",
+        "",
+        "```yaml",
+        recipe_text,
+        "```",
+        "",
+        "## Training",
+        "",
+        f"- Parameters: {data['parameters']:,} (tied input/output embeddings counted once).",
+        f"- Steps: {history.steps}; stopped because {history.stop_reason}.",
+        f"- Wall time: {history.seconds / 60:.1f} min on {data['threads']} CPU thread(s) "
+        "(shared machine: timing depends on load).",
+        f"- Final running-mean loss (50 steps): {running_mean(history.step_loss, 50)[-1]:.3f}.",
+        f"- Loss curve: [{loss_png}]({loss_png})",
+        "",
+        "## What it knows",
+        "",
+        f"- Top-1 accuracy on training-template prompts: **{_pct(overall['train_accuracy'])}** (mean over "
+        f"{data['relations']} relations, unweighted; {_pct(overall['train_accuracy_pooled'])} pooled over prompts); "
+        f"majority-object baseline {_pct(overall['majority_baseline'])}.",
+        f"- On held-out templates: **{_pct(overall['heldout_accuracy'])}** (mean over the "
+        f"{int((table['heldout_prompts'] > 0).sum())} relations with one; {_pct(overall['heldout_accuracy_pooled'])} pooled); "
+        f"majority-object baseline over the same relations {_pct(overall['majority_baseline_heldout_relations'])}.",
+        f"- Mean gold probability: {overall['train_gold_prob']:.3f} (training templates), "
+        f"{overall['heldout_gold_prob']:.3f} (held-out templates).",
+        f"- Relation use: with a subject put into another relation's templates, the model answers the subject's own "
+        f"object in {_pct(overall['xrel_own_object'])} of prompts (where that object is not a valid answer there; "
+        f"high = answers from the subject alone) and an object of the other relation in {_pct(overall['xrel_other_type'])} "
+        "(high = reads the relation).",
+        "",
+        "## Per relation",
+        "",
+        "| relation | facts | train acc. | held-out acc. | majority | gold prob. | own object in other relation | other relation's type |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in table.itertuples(index=False):
+        lines.append(
+            f"| {row.relation} | {row.facts} | {_pct(row.train_accuracy)} | {_pct(row.heldout_accuracy)} | "
+            f"{_pct(row.majority_baseline)} | {row.train_gold_prob:.3f} | {_pct(row.xrel_own_object)} | "
+            f"{_pct(row.xrel_other_type)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def overall_knowledge(table: pd.DataFrame) -> dict[str, float]:
+    """The model card's headline numbers from the per-relation knowledge table (kn.probe.knowledge_table):
+    unweighted means over relations, prompt-pooled accuracies, and the majority baseline over
+    the relations that have held-out templates."""
+    from kn.probe import overall_row
+
+    overall = {key: float(value) for key, value in overall_row(table).items()}
+    with_heldout = table["heldout_prompts"] > 0
+    overall["majority_baseline_heldout_relations"] = float(table.loc[with_heldout, "majority_baseline"].mean())
+    for split in ("train", "heldout"):  # prompt-weighted, next to the unweighted relation means
+        weights = table[f"{split}_prompts"]
+        overall[f"{split}_accuracy_pooled"] = float((table[f"{split}_accuracy"].fillna(0) * weights).sum() / weights.sum())
+    return overall

@@ -1,24 +1,32 @@
-"""Stage: ParaRel ingestion of one relation -> its prompts parquet (SPEC §2)."""
+"""Stage: combine the per-relation prompt tables into prompts.parquet, facts.parquet and stats JSON.
+
+Inputs: ``--in relation:<rel>=<rel>.parquet`` for every selected relation. Outputs:
+``prompts``, ``facts`` (parquet) and ``stats`` (JSON).
+"""
 
 from __future__ import annotations
 
 import logging
 
-from kn.data.pararel import build_bags
-from kn.io import provenance, write_parquet
+from kn.data.pararel import facts_from_prompts, stats
+from kn.io import provenance, write_json
 from kn.stages.cli import StageArgs, run_stage
+from kn.tables import FACTS, PROMPTS, RELATION_PROMPTS, concat
 
 log = logging.getLogger("kn.ingest")
 
 
 def main(args: StageArgs) -> None:
-    cfg = args.cfg
-    if args.relation is None:
-        raise SystemExit("ingest needs --relation")
-    prompts, facts = build_bags(cfg.data.resources_dir, [args.relation], cfg.data.max_facts_per_relation)
-    write_parquet(args.output("prompts"), prompts, provenance(cfg, "ingest", relation=args.relation))
-    log.info("%s: %d facts, %d prompts", args.relation, len(facts), len(prompts))
+    prompts = concat(RELATION_PROMPTS.read(path, rel) for rel, path in args.keyed_inputs("relation").items())
+    facts = facts_from_prompts(prompts)
+    record = provenance(args.cfg, "ingest")
+    summary = stats(prompts, facts)
+    PROMPTS.write(args.output("prompts"), prompts, record)
+    FACTS.write(args.output("facts"), facts, record)
+    write_json(args.output("stats"), {**summary, "provenance": record})
+    totals = summary["totals"]
+    log.info("combined %d relations, %d facts, %d prompts", totals["relations"], totals["facts"], totals["prompts"])
 
 
 if __name__ == "__main__":
-    run_stage(main, __doc__ or "")
+    run_stage(main)

@@ -1,0 +1,149 @@
+"""The one batched forward pass over prompts, read at each prompt's target position.
+
+Probe, attribution's plain pass, suppress/amplify, editing, the web-sentence study and the
+localisation diagnostic all score prompts the same way, here: the items (prompt indices,
+repeats allowed) are sorted by prompt length, shortest first with ties in input order;
+each batch holds ``batch_size`` of them, right-padded to its longest prompt with the one
+pad id (:func:`pad_token_id`); the base model runs on the batch (under an optional
+per-batch edit such as scaled neurons), FFN activations can be captured at the target
+position, and the LM head runs on the target rows only (the vocabulary projection would
+otherwise dominate the cost). The target position is the [MASK] of a masked LM.
+
+Padding never changes a result: padded keys get attention weight exactly 0 (SPEC §1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from kn.hooks import capture_activations
+from kn.models.adapters import adapter_for, model_device
+from kn.models.encoding import EncodedPrompts, pad_sequences
+
+BatchEdit = Callable[[Sequence[int], Tensor], ContextManager]  # (items of the batch, positions) -> context
+
+
+def pad_token_id(model: nn.Module) -> int:
+    """The pad id of every batch: the model's own (RoBERTa derives positions from it), else 0.
+
+    Which id pads does not change any result, since padded positions are masked out; it only
+    has to be a valid token id.
+    """
+    pad = getattr(model.config, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices into ``lengths``, shortest first (ties in input order), in chunks of ``batch_size``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size = {batch_size}; expected >= 1")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+@dataclass
+class TargetBatch:
+    """One forward pass: which items it held and what it gives at their target positions."""
+
+    items: list[int]  # indices into the pass's item list
+    prompts: list[int]  # the prompt (index into the encoded prompts) of each item
+    positions: Tensor  # [B] target positions, on the model's device
+    logits: Tensor | None  # [B, V] float32 at the target positions (None unless asked for)
+    activations: Tensor | None  # [B, len(capture), units] FFN activations at the target positions
+    hidden_states: tuple[Tensor, ...] | None  # embeddings then every block's output, [B, T, H] each
+    attention_mask: Tensor  # [B, T]
+
+
+def target_passes(
+    model: nn.Module,
+    encoded: EncodedPrompts,
+    *,
+    batch_size: int,
+    items: Sequence[int] | None = None,
+    edit: BatchEdit | None = None,
+    capture: Sequence[int] | None = None,
+    logits: bool = True,
+    all_hidden: bool = False,
+    progress: str | None = None,
+) -> Iterator[TargetBatch]:
+    """Batched forward passes (no gradient) over ``items`` (default: every prompt once), see the module doc."""
+    adapter = adapter_for(model)
+    device = model_device(model)
+    prompt_of = list(range(len(encoded))) if items is None else [int(i) for i in items]
+    head = adapter.lm_head() if logits else None
+    batches = length_sorted_batches([len(encoded.input_ids[p]) for p in prompt_of], batch_size)
+    pad = pad_token_id(model)
+    for batch in tqdm(batches, desc=progress, unit="batch", disable=progress is None, mininterval=5.0):
+        prompts = [prompt_of[k] for k in batch]
+        ids, mask = pad_sequences([encoded.input_ids[p] for p in prompts], pad, device)
+        positions = torch.tensor([encoded.mask_positions[p] for p in prompts], dtype=torch.long, device=device)
+        rows = torch.arange(len(batch), device=device)
+        with torch.no_grad(), (edit(batch, positions) if edit else contextlib.nullcontext()), (
+            capture_activations(model, positions, capture) if capture is not None else contextlib.nullcontext({})
+        ) as captured:
+            hidden = adapter.hidden_states(ids, mask, all_layers=all_hidden)
+            out = head(hidden[-1][rows, positions]).float() if head is not None else None
+        acts = torch.stack([captured[layer] for layer in capture], dim=1) if capture else None
+        yield TargetBatch(batch, prompts, positions, out, acts, hidden if all_hidden else None, mask)
+
+
+def target_logits(model: nn.Module, encoded: EncodedPrompts, *, batch_size: int, items: Sequence[int] | None = None,
+                  edit: BatchEdit | None = None) -> Tensor:
+    """Float32 logits ``[len(items), V]`` on the CPU, in item order."""
+    n_items = len(encoded) if items is None else len(items)
+    out: Tensor | None = None
+    for batch in target_passes(model, encoded, batch_size=batch_size, items=items, edit=edit):
+        assert batch.logits is not None
+        if out is None:
+            out = torch.empty((n_items, batch.logits.shape[1]), dtype=torch.float32)
+        out[torch.tensor(batch.items)] = batch.logits.cpu()
+    if out is None:
+        return torch.empty((0, adapter_for(model).output_embeddings().shape[0]), dtype=torch.float32)
+    return out
+
+
+@dataclass
+class TargetScores:
+    """Per item: P(target) (full-vocabulary softmax), the target's rank (1 = top, ties in its favour) and the argmax."""
+
+    prob: np.ndarray  # float32; NaN where the item has no target (negative id)
+    rank: np.ndarray  # int32; -1 where the item has no target
+    pred: np.ndarray  # int64
+
+
+def score_targets(
+    model: nn.Module,
+    encoded: EncodedPrompts,
+    targets: Sequence[int],
+    *,
+    batch_size: int,
+    items: Sequence[int] | None = None,
+    edit: BatchEdit | None = None,
+    progress: str | None = None,
+) -> TargetScores:
+    """Probability, rank and argmax of each item's target token (one target id per item)."""
+    n_items = len(encoded) if items is None else len(items)
+    if len(targets) != n_items:
+        raise ValueError(f"{len(targets)} target ids for {n_items} items")
+    scores = TargetScores(np.full(n_items, np.nan, dtype=np.float32), np.full(n_items, -1, dtype=np.int32),
+                          np.zeros(n_items, dtype=np.int64))
+    for batch in target_passes(model, encoded, batch_size=batch_size, items=items, edit=edit, progress=progress):
+        assert batch.logits is not None
+        probs = torch.softmax(batch.logits, dim=-1)
+        gold = torch.tensor([max(0, int(targets[k])) for k in batch.items], device=probs.device)
+        rows = torch.arange(len(batch.items), device=probs.device)
+        target_logit = batch.logits[rows, gold]
+        rank = (batch.logits > target_logit[:, None]).sum(dim=-1) + 1
+        has = np.array([int(targets[k]) >= 0 for k in batch.items])
+        index = np.array(batch.items)
+        scores.pred[index] = batch.logits.argmax(dim=-1).cpu().numpy()
+        scores.prob[index[has]] = probs[rows, gold].cpu().numpy()[has]
+        scores.rank[index[has]] = rank.cpu().numpy().astype(np.int32)[has]
+    return scores
