@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kn.layout import Layout
-from kn.models.load import ModelLoadError, load_masked_lm, resolve_device
+from kn.devices import DeviceError, resolve_device
+from kn.models.load import ModelLoadError, load_masked_lm
 
 
 @pytest.mark.parametrize("fixture", ["tiny_bert_dir", "tiny_roberta_dir"])
@@ -67,5 +68,5 @@ def test_resolve_device():
     if torch.cuda.is_available():
         assert resolve_device("cuda").type == "cuda"
     else:
-        with pytest.raises(ModelLoadError, match="no CUDA device"):
+        with pytest.raises(DeviceError, match="no CUDA device"):
             resolve_device("cuda")

@@ -2,7 +2,7 @@
 
 from kn.models.adapters import Adapter, adapter_for, model_device, supported_architectures
 from kn.models.encoding import EncodedPrompts, encode_prompts, object_token_id
-from kn.models.load import ModelLoadError, load_masked_lm, resolve_device
+from kn.models.load import ModelLoadError, load_masked_lm
 
 __all__ = [
     "Adapter",
@@ -13,6 +13,5 @@ __all__ = [
     "load_masked_lm",
     "model_device",
     "object_token_id",
-    "resolve_device",
     "supported_architectures",
 ]

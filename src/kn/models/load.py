@@ -18,15 +18,6 @@ class ModelLoadError(ValueError):
     """
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """The ``device`` config value as a torch device (auto: CUDA when torch sees it)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device=cuda but torch sees no CUDA device (torch.cuda.is_available() is False)")
-    return torch.device(name)
-
-
 def _looks_local(spec: str) -> bool:
     """A path rather than a Hub id ("org/name" has exactly one slash and no leading ./ or /)."""
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1

@@ -236,7 +236,7 @@ def train_masked_lm(
     The object position carries the main loss; other tokens add BERT's usual MLM loss at
     ``recipe.other_mask_prob``. Logits are computed only at labelled positions (the
     vocabulary projection dominates the cost otherwise). Stopping short of saturation is
-    deliberate: a model trained to ~100% hides its knowledge neurons (issue 3).
+    deliberate: a model trained to ~100% hides its knowledge neurons (the organism sweep measures it).
     """
     generator = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)  # dropout draws

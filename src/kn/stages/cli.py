@@ -85,7 +85,8 @@ class LoadedModel:
 def load_model(args: StageArgs) -> LoadedModel:
     """The model a stage studies: ``--in model=<dir>`` (the trained organism) or ``model.path``,
     on the configured ``device``, with ``model.layer_norm_eps`` applied."""
-    from kn.models.load import load_masked_lm, resolve_device
+    from kn.devices import resolve_device
+    from kn.models.load import load_masked_lm
 
     cfg = args.cfg
     spec = str(args.optional_input("model") or cfg.model.path)
