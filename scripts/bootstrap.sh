@@ -2,6 +2,7 @@
 # Set up (or reuse) the local virtual environment, then run the pipeline or the tests.
 #   bash scripts/bootstrap.sh run  [snakemake args...]   # full default reproduction on kn-tiny
 #   bash scripts/bootstrap.sh test [pytest args...]      # the test suite
+#   bash scripts/bootstrap.sh lint                       # snakemake --lint (default and sweep experiments)
 # Needs only Python >= 3.11 with venv and pip reaching PyPI. KN_VENV overrides the venv path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,5 +30,6 @@ cmd="${1:-}"; shift || true
 case "$cmd" in
   run)  exec snakemake --cores "${KN_CORES:-2}" "$@" ;;
   test) exec python -m pytest "$@" ;;
-  *)    echo "usage: bash scripts/bootstrap.sh run|test [args...]" >&2; exit 2 ;;
+  lint) snakemake --lint && exec snakemake --lint --config 'overrides=["experiment=organism-sweep"]' ;;
+  *)    echo "usage: bash scripts/bootstrap.sh run|test|lint [args...]" >&2; exit 2 ;;
 esac

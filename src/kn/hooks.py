@@ -11,12 +11,12 @@ left modified.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, ContextManager, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from kn.models.adapters import adapter_for
+from kn.models.adapters import Adapter, adapter_for
 
 Neuron = tuple[int, int]
 ActivationEdit = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -28,50 +28,45 @@ def _check_layer(layer: int, n_layers: int) -> None:
 
 
 @contextlib.contextmanager
-def ffn_hooks(model: nn.Module, edits: Mapping[int, ActivationEdit]) -> Iterator[None]:
+def _layer_hooks(model: nn.Module, edits: Mapping[int, ActivationEdit], on_input: bool,
+                 module_of: Callable[[Adapter, int], nn.Module]) -> Iterator[None]:
+    """One hook per named layer on ``module_of(adapter, layer)``: on its input (a pre-hook) or its output."""
+    adapter = adapter_for(model)
+    handles = []
+    try:
+        for layer, edit in edits.items():
+            _check_layer(layer, adapter.n_layers)
+            module = module_of(adapter, layer)
+            if on_input:
+                def pre_hook(_module: nn.Module, inputs: tuple, edit: ActivationEdit = edit):
+                    replaced = edit(inputs[0])
+                    return None if replaced is None else (replaced, *inputs[1:])
+
+                handles.append(module.register_forward_pre_hook(pre_hook))
+            else:
+                handles.append(module.register_forward_hook(lambda _m, _i, output, edit=edit: edit(output)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def ffn_hooks(model: nn.Module, edits: Mapping[int, ActivationEdit]) -> ContextManager[None]:
     """Run ``edits[layer](activation)`` on the FFN neuron vector ``[batch, seq, units]`` of each named layer.
 
     An edit returns a replacement tensor or None (observe only); the replacement is what the
     down projection then reads.
     """
-    adapter = adapter_for(model)
-    handles = []
-    try:
-        for layer, edit in edits.items():
-            _check_layer(layer, adapter.n_layers)
-
-            def hook(_module: nn.Module, inputs: tuple, edit: ActivationEdit = edit):
-                replaced = edit(inputs[0])
-                return None if replaced is None else (replaced, *inputs[1:])
-
-            handles.append(adapter.value_projection(layer).register_forward_pre_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return _layer_hooks(model, edits, True, Adapter.value_projection)
 
 
-@contextlib.contextmanager
-def attention_output_hooks(model: nn.Module, edits: Mapping[int, ActivationEdit]) -> Iterator[None]:
+def attention_output_hooks(model: nn.Module, edits: Mapping[int, ActivationEdit]) -> ContextManager[None]:
     """Run ``edits[layer](output)`` on what each named layer's attention sublayer adds ``[batch, seq, hidden]``.
 
     The output projection's output, before any residual add or norm: replacing it with
     zeros removes attention's contribution while the residual stream passes unchanged.
     """
-    adapter = adapter_for(model)
-    handles = []
-    try:
-        for layer, edit in edits.items():
-            _check_layer(layer, adapter.n_layers)
-
-            def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor, edit: ActivationEdit = edit):
-                return edit(output)
-
-            handles.append(adapter.attention_output(layer).register_forward_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return _layer_hooks(model, edits, False, Adapter.attention_output)
 
 
 @contextlib.contextmanager

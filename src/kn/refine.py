@@ -131,30 +131,20 @@ def relation_level(neurons: pd.DataFrame, n_facts: int, share: float) -> list[li
 
 
 def refine_relation(
-    scores: pd.DataFrame,
-    n_prompts: pd.Series,
-    thresholds: dict[str, float],
-    *,
-    p: float,
-    p_step: float,
-    max_evals: int,
-    target_min: float,
-    target_max: float,
-    min_prompts: int,
-    relation_share: float,
+    scores: pd.DataFrame, n_prompts: pd.Series, thresholds: dict[str, float], *, relation_share: float, **adaptive: float
 ) -> tuple[pd.DataFrame, dict[str, dict]]:
     """Coarse sets, adaptive p and relation-level neurons of one relation, per method.
 
     ``scores`` holds the relation's stored scores of every method in ``thresholds`` (method
-    -> coarse threshold ratio t); ``n_prompts`` the attributed prompts of each studied fact.
-    Returns the refined neurons (method, fact_id, layer, neuron, order) and per method the
-    adaptive-p record.
+    -> coarse threshold ratio t); ``n_prompts`` the attributed prompts of each studied fact;
+    ``adaptive`` are :func:`adaptive_refine`'s settings (p, p_step, max_evals, target_min,
+    target_max, min_prompts). Returns the refined neurons (method, fact_id, layer, neuron,
+    order) and per method the adaptive-p record.
     """
     tables, records = [], {}
     for method, t in thresholds.items():
         counts = neuron_counts(coarse_sets(scores[scores["method"] == method], t))
-        result = adaptive_refine(counts, n_prompts, p=p, p_step=p_step, max_evals=max_evals, target_min=target_min,
-                                 target_max=target_max, min_prompts=min_prompts)
+        result = adaptive_refine(counts, n_prompts, **adaptive)
         tables.append(result.neurons.assign(method=method))
         records[method] = {
             "t": t,

@@ -28,9 +28,9 @@ def main(args: StageArgs) -> None:
         log.warning("%s: %d studied facts have no attributable prompt (object not one token): %s", relation,
                     len(dropped), dropped[:10])
     neurons, records = refine_relation(
-        attribution.scores, n_prompts, {"ig": float(rc.t), "base": float(rc.t_base)}, p=float(rc.p),
-        p_step=float(rc.p_step), max_evals=int(rc.max_evals), target_min=float(rc.target_min),
-        target_max=float(rc.target_max), min_prompts=int(rc.min_prompts), relation_share=float(rc.relation_share),
+        attribution.scores, n_prompts, {"ig": float(rc.t), "base": float(rc.t_base)},
+        relation_share=float(rc.relation_share), p=float(rc.p), p_step=float(rc.p_step), max_evals=int(rc.max_evals),
+        target_min=float(rc.target_min), target_max=float(rc.target_max), min_prompts=int(rc.min_prompts),
     )
     for method, record in records.items():
         if not record["in_target"]:
