@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy
 import torch
 from torch import Tensor, nn
 
@@ -36,7 +37,13 @@ def naive_ig(
     device = next(model.parameters()).device
     chosen = list(range(adapter_for(model).n_layers)) if layers is None else list(layers)
     pad_id = model.config.pad_token_id or 0
-    multipliers = torch.arange(m, dtype=torch.float32, device=device) + ALPHA_OFFSET[alpha_rule]
+    if alpha_rule == "gauss_legendre":  # nodes and weights on [-1, 1] mapped to [0, 1]; the point is a * alpha
+        nodes, weights = numpy.polynomial.legendre.leggauss(m)
+        multipliers = torch.tensor((nodes + 1) / 2 * m, dtype=torch.float32, device=device)
+        point_weights = torch.tensor(weights / 2 * m, dtype=torch.float32, device=device)
+    else:  # Riemann sums: the point is (a / m) * (k + offset), each weighs 1
+        multipliers = torch.arange(m, dtype=torch.float32, device=device) + ALPHA_OFFSET[alpha_rule]
+        point_weights = torch.ones(m, dtype=torch.float32, device=device)
     results = []
     for ids_list, position, target in zip(encoded.input_ids, encoded.mask_positions, list(target_ids)):
         ids = torch.full((1, max_len), pad_id, dtype=torch.long, device=device)
@@ -60,6 +67,6 @@ def naive_ig(
                 logits = model(input_ids=ids.expand(m, -1), attention_mask=mask.expand(m, -1)).logits
                 prob = torch.softmax(logits[:, position, :], dim=-1)[:, int(target)]
                 (grad,) = torch.autograd.grad(prob.sum(), scaled)
-            per_layer.append(step * grad.sum(dim=0))
+            per_layer.append(step * (grad * point_weights[:, None]).sum(dim=0))
         results.append(torch.stack(per_layer).float().cpu())
     return torch.stack(results)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import kn.attribution as attribution
-from kn.attribution import activation_scores, alpha_steps, ig_attribution, sparsify
+from kn.attribution import activation_scores, ig_attribution, quadrature, sparsify
 from kn.hooks import capture_activations, scale_neurons
 from kn.models.encoding import EncodedPrompts
 
@@ -189,11 +189,36 @@ def test_bad_arguments_are_named(bert):
         activation_scores(bert, encoded, layers=[7])
 
 
+def alpha_steps(m: int, rule: str) -> torch.Tensor:
+    """The multipliers k + offset of a Riemann rule (alpha = multiplier / m)."""
+    return quadrature(m, rule).multipliers
+
+
 def test_alpha_steps():
     m = 4
     assert (alpha_steps(m, "left") / m).tolist() == [0.0, 0.25, 0.5, 0.75]
     assert (alpha_steps(m, "right") / m).tolist() == [0.25, 0.5, 0.75, 1.0]
     assert (alpha_steps(m, "midpoint") / m).tolist() == [0.125, 0.375, 0.625, 0.875]
+    assert quadrature(m, "left").weights.tolist() == [1.0] * 4 and quadrature(m, "left").divisor == 4
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+def test_gauss_legendre_integrates_polynomials_of_degree_2m_minus_1_exactly(m: int) -> None:
+    rule = quadrature(m, "gauss_legendre")
+    alphas, weights = rule.multipliers.double() / rule.divisor, rule.weights.double()
+    assert float(weights.sum()) == pytest.approx(1.0, abs=1e-6) and bool(((alphas > 0) & (alphas < 1)).all())
+    for degree in range(2 * m):
+        assert float((weights * alphas**degree).sum()) == pytest.approx(1 / (degree + 1), rel=1e-5)
+    if m > 1:  # and not one degree more
+        assert float((weights * alphas ** (2 * m)).sum()) != pytest.approx(1 / (2 * m + 1), rel=1e-5)
+
+
+def test_gauss_legendre_fast_path_equals_the_naive_reference():
+    model = tiny("bert")
+    encoded, targets = prompts(model.config.vocab_size)
+    fast = ig_attribution(model, encoded, targets, m=4, alpha_rule="gauss_legendre", batch_size=7, progress=False)
+    reference = naive_ig(model, encoded, targets, m=4, alpha_rule="gauss_legendre")
+    assert relative_error(fast, reference) < TOLERANCE
 
 
 def test_sparsify_keeps_exactly_entries_at_or_above_ratio_of_max():

@@ -167,7 +167,7 @@ class KNConfig:
 
 _CHOICES = {
     "model.source": {"trained", "pretrained"},
-    "ig.alpha_rule": {"left", "right", "midpoint"},
+    "ig.alpha_rule": {"left", "right", "midpoint", "gauss_legendre"},
     "ig.target": {"gold", "pred"},
     "ig.dtype": {"float32", "bfloat16"},
     "device": {"auto", "cpu", "cuda"},
