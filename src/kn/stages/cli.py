@@ -86,14 +86,14 @@ def load_model(args: StageArgs) -> LoadedModel:
     """The model a stage studies: ``--in model=<dir>`` (the trained organism) or ``model.path``,
     on the configured ``device``, with ``model.layer_norm_eps`` applied."""
     from kn.devices import resolve_device
-    from kn.models.load import load_masked_lm
+    from kn.models.load import load_lm
 
     cfg = args.cfg
     spec = str(args.optional_input("model") or cfg.model.path)
     if spec == "None":
         raise SystemExit("no model: pass --in model=<trained organism folder> or set model.path")
     device = resolve_device(str(cfg.device))
-    model, tokenizer = load_masked_lm(spec, device, cfg.model.layer_norm_eps)
+    model, tokenizer = load_lm(spec, device, cfg.model.layer_norm_eps)
     return LoadedModel(model, tokenizer, spec, str(device))
 
 
