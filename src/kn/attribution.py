@@ -53,7 +53,7 @@ from transformers import PreTrainedTokenizerBase
 from kn.hooks import capture_activations, ffn_hooks
 from kn.models.adapters import CausalAdapter, KeyValuePrefix, adapter_for, model_device
 from kn.models.blocks import EncoderBlock, attention_bias
-from kn.models.encoding import EncodedPrompts, PromptCodec, pad_sequences
+from kn.models.encoding import EncodedPrompts, PromptCodec, encode_prompts, object_token_id, pad_sequences
 from kn.models.forward import length_sorted_batches, pad_token_id, score_continuations, target_passes
 from kn.tables import SCORES
 
@@ -480,30 +480,53 @@ def attribute_prompts(
     batch_size: int,
     dtype: str,
     storage_ratio: float,
+    codec: PromptCodec | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Integrated gradients and the activation baseline for prompt rows of one relation (SPEC §3).
 
     Returns (the stored scores, one row per prompt: gold / prediction / maxima), as the
     SCORES and SHARD_PROMPTS tables. Prompts whose object is not one token of the vocabulary
-    are listed with gold_id -1 and not attributed.
+    are listed with gold_id -1 and not attributed. A causal LM (``codec``, default: the model's
+    kind) is attributed at each prompt's last token; prompts of templates it does not use (or
+    whose object cannot be separated from the prompt's tokens) are listed with gold_id -1;
+    gold_id is the object's first token, gold_prob the probability IG attributes (the first
+    token's, or with the ``sequence`` target the whole object's).
     """
-    gold = {obj: object_token_id(tokenizer, obj) for obj in prompts["object"].unique()}
-    usable = prompts["object"].map(gold).notna().to_numpy()
-    if not usable.all():
-        skipped = sorted(obj for obj, token in gold.items() if token is None)
-        log.warning("%d prompts skipped: object(s) not one token of this vocabulary: %s", int((~usable).sum()), skipped[:10])
+    codec = codec or PromptCodec.of(model, tokenizer)
+    if codec.causal:
+        used = codec.usable_rows(prompts).index
+        tokens = {k: codec.object_tokens(str(prompts.at[k, "prompt"]), str(prompts.at[k, "object"])) for k in used}
+        usable = np.array([bool(tokens.get(k)) for k in prompts.index], dtype=bool)
+        if not usable.all():
+            log.warning("%d of %d prompts not attributed: template not used by a causal LM or object not separable "
+                        "from the prompt", int((~usable).sum()), len(prompts))
+    else:
+        gold = {obj: object_token_id(tokenizer, obj) for obj in prompts["object"].unique()}
+        usable = prompts["object"].map(gold).notna().to_numpy()
+        if not usable.all():
+            skipped = sorted(obj for obj, token in gold.items() if token is None)
+            log.warning("%d prompts skipped: object(s) not one token of this vocabulary: %s", int((~usable).sum()), skipped[:10])
     studied = prompts[usable].reset_index(drop=True)
     table = prompts[["relation", "fact_id", "template_id"]].assign(
         gold_id=-1, gold_prob=np.nan, pred_id=-1, pred_token=None, correct=False, ig_max=np.nan, base_max=np.nan
     )
     frames = []
     if len(studied):
-        encoded = encode_prompts(tokenizer, studied["prompt"].tolist())
-        gold_ids = torch.tensor([gold[obj] for obj in studied["object"]], dtype=torch.long)
+        if codec.causal:
+            encoded = codec.encode(studied["prompt"].tolist())
+            gold_ids = torch.tensor(codec.target_ids(studied["prompt"].tolist(), studied["object"].tolist()), dtype=torch.long)
+            continuations = codec.continuations(studied["prompt"].tolist(), studied["object"].tolist())
+        else:
+            encoded = encode_prompts(tokenizer, studied["prompt"].tolist())
+            gold_ids = torch.tensor([gold[obj] for obj in studied["object"]], dtype=torch.long)
+            continuations = None
         plain = activation_scores(model, encoded, gold_ids, batch_size=batch_size)
+        if continuations is not None:  # the sequence target: P(all object tokens | prompt), teacher-forced
+            plain.target_prob = torch.from_numpy(
+                score_continuations(model, encoded, continuations, batch_size=batch_size).prob.astype(np.float32))
         targets = gold_ids if target == "gold" else plain.pred_ids
         ig_scores = ig_attribution(model, encoded, targets, m=m, alpha_rule=alpha_rule, batch_size=batch_size,
-                                   dtype=TORCH_DTYPES[dtype])
+                                   dtype=TORCH_DTYPES[dtype], continuations=continuations if target == "gold" else None)
         for method, scores in (("ig", ig_scores), ("base", plain.activations)):
             frames.append(long_scores(sparsify(scores, storage_ratio), studied, relation, method))
         index = np.flatnonzero(usable)

@@ -34,6 +34,7 @@ TINY_RECIPE = TrainConfig(
     seed=3, num_layers=2, hidden_size=64, intermediate_size=128, num_heads=2, dropout=0.0, max_steps=200,
     target_accuracy=None, eval_every=100, eval_sample=64, batch_size=32, lr=3e-3, weight_decay=0.0,
     warmup_steps=10, other_mask_prob=0.15, heldout_templates=1, heldout_min_templates=5, vocab_size=600,
+    architecture="bert",
 )
 
 
