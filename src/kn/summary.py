@@ -266,7 +266,7 @@ def comparison_table(this_run: str, comparison: pd.DataFrame, others: dict[str, 
 
 
 def summary_markdown(cfg: Any, comparison: pd.DataFrame, model_card: str | None, run: RunResults,
-                     others: dict[str, pd.DataFrame] | None = None) -> str:
+                     others: dict[str, pd.DataFrame] | None = None, coverage: dict[str, str] | None = None) -> str:
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     return "\n".join(
         [
@@ -282,7 +282,7 @@ def summary_markdown(cfg: Any, comparison: pd.DataFrame, model_card: str | None,
             "## Paper vs this run",
             "",
             markdown_table(comparison, TITLES),
-            *_beside(cfg, comparison, others),
+            *_beside(cfg, comparison, others, coverage),
             "## Vocabulary coverage",
             "",
             vocabulary_coverage(run),
@@ -300,11 +300,12 @@ def summary_markdown(cfg: Any, comparison: pd.DataFrame, model_card: str | None,
     )
 
 
-def _beside(cfg: Any, comparison: pd.DataFrame, others: dict[str, pd.DataFrame] | None) -> list[str]:
+def _beside(cfg: Any, comparison: pd.DataFrame, others: dict[str, pd.DataFrame] | None,
+            coverage: dict[str, str] | None) -> list[str]:
     if not others:
         return []
     names = ", ".join(f"`{name}`" for name in others)
-    return [
+    lines = [
         f"## Beside {names}",
         "",
         f"This run (`{cfg.model.name}`) and the studies of {names} in the same results folder (config key `compare`), "
@@ -312,6 +313,9 @@ def _beside(cfg: Any, comparison: pd.DataFrame, others: dict[str, pd.DataFrame] 
         "",
         markdown_table(comparison_table(str(cfg.model.name), comparison, others)),
     ]
+    for name, text in (coverage or {}).items():
+        lines += [f"Vocabulary coverage of `{name}`'s tokenizer: {text}", ""]
+    return lines
 
 
 CSS = (

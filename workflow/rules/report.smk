@@ -51,8 +51,9 @@ for _name in CFG.compare:
     _companion = compose_config(companion_overrides(str(_name)))
     if _companion.model.name == MODEL:
         raise ValueError(f"compare: {_name!r} studies this run's own model {MODEL!r}")
-    COMPANIONS[str(_companion.model.name)] = (str(_name), Layout(RESULTS, _companion.model.name).path("summary.csv"))
-COMPANION_SUMMARIES = {alias: path for alias, (_, path) in COMPANIONS.items()}
+    COMPANIONS[str(_companion.model.name)] = (str(_name), Layout(RESULTS, _companion.model.name))
+COMPANION_SUMMARIES = {alias: layout.path("summary.csv") for alias, (_, layout) in COMPANIONS.items()}
+COMPANION_PROBES = {alias: layout.path("probe/accuracy.csv") for alias, (_, layout) in COMPANIONS.items()}
 
 if COMPANIONS:
 
@@ -60,7 +61,8 @@ if COMPANIONS:
         input:
             list(per_relation(L.relation_prompts).values()),  # start after this run's ingestion (shared files)
         output:
-            Layout(RESULTS, "{companion}").path("summary.csv"),
+            summary=Layout(RESULTS, "{companion}").path("summary.csv"),
+            probe=Layout(RESULTS, "{companion}").path("probe/accuracy.csv"),
         params:
             config=lambda wc: shlex.quote(f"overrides={json.dumps(companion_overrides(COMPANIONS[wc.companion][0]))}"),
             snakefile=workflow.main_snakefile,
@@ -76,7 +78,7 @@ if COMPANIONS:
         shell:
             # --nolock: the outer run holds the lock; the nested run writes only its own model's files (and the
             # shared ingestion files, identical for both when the data keys agree)
-            "snakemake --snakefile {params.snakefile} --cores {threads} --nolock {output} "
+            "snakemake --snakefile {params.snakefile} --cores {threads} --nolock {output.summary} {output.probe} "
             "--config {params.config} > {log} 2>&1"
 
 
@@ -85,6 +87,7 @@ rule summary:
         list(dict.fromkeys(SUMMARY_INPUTS.values())),
         ATTRIBUTION_BENCHMARKS.values(),
         COMPANION_SUMMARIES.values(),
+        COMPANION_PROBES.values(),
     output:
         markdown=report(L.path("summary.md"), caption="../report/summary_md.rst", category=SUMMARY, labels={"file": "summary.md"}),
         table=report(L.path("summary.csv"), caption="../report/summary_csv.rst", category=SUMMARY, labels={"file": "summary.csv"}),
@@ -92,7 +95,7 @@ rule summary:
     params:
         overrides=stage_args("summary"),  # the whole config: the summary prints it, so any change reruns it
         inputs=" ".join(f"--in {name}={shlex.quote(path)}" for name, path in SUMMARY_INPUTS.items()),
-        benchmarks=keyed_args(benchmark=ATTRIBUTION_BENCHMARKS, compare=COMPANION_SUMMARIES),
+        benchmarks=keyed_args(benchmark=ATTRIBUTION_BENCHMARKS, compare=COMPANION_SUMMARIES, compare_probe=COMPANION_PROBES),
     log:
         L.log(L.path("summary")),
     benchmark:
