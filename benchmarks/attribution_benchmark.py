@@ -1,8 +1,11 @@
 """Integrated-gradients throughput: the naive authors'-style reference vs the fast path, in one run.
 
 For a kn-tiny-shaped model (results/kn-tiny/model when it exists, else a random init of
-that shape) and a randomly initialised bert-base-size model (12 x 768, FFN 3072, vocab
-28,996), this measures prompts/s of ``tests/naive_ig.py`` and of
+that shape), a randomly initialised bert-base-size model (12 x 768, FFN 3072, vocab
+28,996), and the causal models (``tiny-gpt``: results/kn-tiny-gpt/model or a random GPT-2 of
+that shape; ``gpt2``: a random GPT-2-small-size model, 12 x 768, FFN 3072, vocab 50,257; their
+reference is ``tests/naive_ig.py``'s one-prompt, unpadded, every-position pass per layer),
+this measures prompts/s of ``tests/naive_ig.py`` and of
 ``kn.attribution.ig_attribution`` (m = 20, fp32), their ratio, the GFLOP/s each achieves
 (FLOPs counted by torch's FlopCounterMode on the operations actually executed), and the
 machine's dense-matmul GFLOP/s for comparison; it also measures the opt-in bf16 mode's
@@ -11,6 +14,7 @@ wall time includes waiting for a core. Writes benchmarks/out/attribution.{json,m
 
     python benchmarks/attribution_benchmark.py               # both models, 3 repeats, 1 thread
     python benchmarks/attribution_benchmark.py --models tiny --repeats 5
+    python benchmarks/attribution_benchmark.py --models gpt2 --gpt-prompts 3 --gpt-ref-prompts 1
 """
 
 from __future__ import annotations
@@ -41,34 +45,48 @@ PROMPT_LENGTHS = (13, 14, 15, 16, 17)  # wordpieces incl. [CLS]/[SEP]; ParaRel p
 SHAPES = {  # name: (layers, hidden, ffn, heads, vocab)
     "tiny": (6, 256, 1024, 4, 8000),
     "base": (12, 768, 3072, 12, 28996),
+    "tiny-gpt": (6, 256, 1024, 4, 8000),
+    "gpt2": (12, 768, 3072, 12, 50257),  # GPT-2 small's shape
 }
+CAUSAL = {"tiny-gpt", "gpt2"}
+TRAINED = {"tiny": "kn-tiny", "tiny-gpt": "kn-tiny-gpt"}
 
 
 def build_model(name: str) -> tuple[torch.nn.Module, str]:
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
-    trained = REPO / "results" / "kn-tiny" / "model"
-    if name == "tiny" and (trained / "config.json").is_file():
-        from kn.models import load_masked_lm
+    trained = REPO / "results" / TRAINED.get(name, "-") / "model"
+    if name in TRAINED and (trained / "config.json").is_file():
+        from kn.models import load_lm
 
-        model, _ = load_masked_lm(trained)
-        return model, f"kn-tiny ({trained})"
+        model, _ = load_lm(trained)
+        return model, f"{TRAINED[name]} ({trained})"
     layers, hidden, ffn, heads, vocab = SHAPES[name]
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=ffn, max_position_embeddings=512)
-    model = BertForMaskedLM(config).eval()
+    if name in CAUSAL:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=ffn,
+                                           n_positions=1024)).eval()
+    else:
+        config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                            intermediate_size=ffn, max_position_embeddings=512)
+        model = BertForMaskedLM(config).eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    return model, f"random init {layers}x{hidden}, FFN {ffn}, vocab {vocab}"
+    kind = "GPT-2" if name in CAUSAL else "BERT"
+    return model, f"random init {kind} {layers}x{hidden}, FFN {ffn}, vocab {vocab}"
 
 
-def make_prompts(n: int, vocab: int, seed: int = 0) -> tuple[EncodedPrompts, torch.Tensor]:
+def make_prompts(n: int, vocab: int, seed: int = 0, causal: bool = False) -> tuple[EncodedPrompts, torch.Tensor]:
+    """Masked: [CLS] ... [MASK] . [SEP]; causal: the prompt before [Y], read at its last token."""
     gen = torch.Generator().manual_seed(seed)
     ids, positions = [], []
     for k in range(n):
         length = PROMPT_LENGTHS[k % len(PROMPT_LENGTHS)]
         seq = torch.randint(5, vocab, (length,), generator=gen).tolist()
+        if causal:
+            ids.append(seq[: length - 2])  # the same token count as the masked prompt's text before [MASK]
+            positions.append(length - 3)
+            continue
         seq[0], seq[-1], seq[length - 3] = 2, 3, 4  # [CLS] ... [MASK] . [SEP]
         ids.append(seq)
         positions.append(length - 3)
@@ -107,8 +125,9 @@ def rel_error(x: torch.Tensor, reference: torch.Tensor) -> float:
 def bench_model(name: str, n_fast: int, n_ref: int, repeats: int, batch_size: int) -> dict:
     model, description = build_model(name)
     vocab = model.config.vocab_size
-    fast_prompts, fast_targets = make_prompts(n_fast, vocab)
-    ref_prompts, ref_targets = make_prompts(n_ref, vocab)
+    causal = name in CAUSAL
+    fast_prompts, fast_targets = make_prompts(n_fast, vocab, causal=causal)
+    ref_prompts, ref_targets = make_prompts(n_ref, vocab, causal=causal)
 
     def fast(encoded=fast_prompts, targets=fast_targets, dtype=torch.float32):
         return ig_attribution(model, encoded, targets, m=M, batch_size=batch_size, dtype=dtype, progress=False)
@@ -116,12 +135,11 @@ def bench_model(name: str, n_fast: int, n_ref: int, repeats: int, batch_size: in
     def reference():
         return naive_ig(model, ref_prompts, ref_targets, m=M)
 
-    # FLOPs: the fast path counted directly; the reference (shapes fixed by its padding to 128,
-    # so every prompt costs the same, and all its ops are linear in m) from m = 1 and m = 2
+    # FLOPs: the fast path counted directly; the reference (all its ops linear in m) from m = 1 and m = 2,
+    # on the reference prompts themselves (the masked reference pads to 128: every prompt costs the same)
     fast_flops = counted_flops(fast) / n_fast
-    one = make_prompts(1, vocab)
-    f1 = counted_flops(lambda: naive_ig(model, one[0], one[1], m=1))
-    f2 = counted_flops(lambda: naive_ig(model, one[0], one[1], m=2))
+    f1 = counted_flops(lambda: naive_ig(model, ref_prompts, ref_targets, m=1)) / n_ref
+    f2 = counted_flops(lambda: naive_ig(model, ref_prompts, ref_targets, m=2)) / n_ref
     ref_flops = f1 + (M - 1) * (f2 - f1)
 
     runs = []
@@ -199,7 +217,7 @@ def markdown(results: list[dict], meta: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="tiny,base", help="comma-separated: tiny, base")
+    parser.add_argument("--models", default="tiny,base", help="comma-separated: tiny, base, tiny-gpt, gpt2")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -207,6 +225,10 @@ def main() -> None:
     parser.add_argument("--tiny-ref-prompts", type=int, default=3)
     parser.add_argument("--base-prompts", type=int, default=3, help="fast-path prompts (bert-base size)")
     parser.add_argument("--base-ref-prompts", type=int, default=1)
+    parser.add_argument("--gpt-prompts", type=int, default=6, help="fast-path prompts (GPT-2 small size)")
+    parser.add_argument("--gpt-ref-prompts", type=int, default=1)
+    parser.add_argument("--tiny-gpt-prompts", type=int, default=30, help="fast-path prompts (kn-tiny-gpt shape)")
+    parser.add_argument("--tiny-gpt-ref-prompts", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -218,7 +240,9 @@ def main() -> None:
         pass
     results = []
     for name in args.models.split(","):
-        n_fast, n_ref = (args.tiny_prompts, args.tiny_ref_prompts) if name == "tiny" else (args.base_prompts, args.base_ref_prompts)
+        n_fast, n_ref = {"tiny": (args.tiny_prompts, args.tiny_ref_prompts), "base": (args.base_prompts, args.base_ref_prompts),
+                         "gpt2": (args.gpt_prompts, args.gpt_ref_prompts),
+                         "tiny-gpt": (args.tiny_gpt_prompts, args.tiny_gpt_ref_prompts)}[name]
         results.append(bench_model(name, n_fast, n_ref, args.repeats, args.batch_size))
     meta["load_end"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,14 @@ weights (this tests plumbing, not science) behind realistic tokenizers built wit
   prompts, with ``<mask>`` absorbing the space before it and leading-space tokens
   (``Ġ``) as in roberta-base; rare objects are several BPE pieces.
 
-Both can be run by hand: ``python -m tests.standins bert /tmp/bert-standin``.
+* :func:`write_gpt2_standin`, :func:`write_gpt_neox_standin`, :func:`write_llama_standin`: causal LMs
+  (GPT2LMHeadModel with a tied unembedding; GPTNeoXForCausalLM with partial rotary embeddings and
+  parallel residuals; LlamaForCausalLM with grouped-query attention, a gated MLP and an untied
+  unembedding) behind BPE tokenizers trained on filled ParaRel prompts: byte-level with a
+  leading-space marker and no BOS (GPT-2, GPT-NeoX), and SentencePiece-style (``▁`` word marker,
+  ``<s>`` before every text) for Llama. Rare objects are several tokens, as in real vocabularies.
+
+Each can be run by hand: ``python -m tests.standins bert /tmp/bert-standin``.
 """
 
 from __future__ import annotations
@@ -123,7 +130,83 @@ def write_roberta_standin(directory: Path, relations: Sequence[str] | str = "all
     return directory
 
 
-WRITERS = {"bert": write_bert_standin, "roberta": write_roberta_standin}
+def _bpe_tokenizer(texts: Sequence[str], vocab_size: int, byte_level: bool):
+    """A BPE tokenizer trained on ``texts``: byte-level (GPT-2 / GPT-NeoX: ``Ġ`` before a word, no BOS) or
+    SentencePiece-style (Llama: ``▁`` before a word, ``<s>`` put before every text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if byte_level:
+        specials = ["<|endoftext|>", "<|padding|>"]
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        backend.train_from_iterator(texts, trainer)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=specials[0], eos_token=specials[0],
+                                       unk_token=specials[0], pad_token=specials[1])
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    alphabet = sorted({c for text in texts for c in text if not c.isspace()} | {"▁"})
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
+                                  initial_alphabet=alphabet, show_progress=False)
+    backend.train_from_iterator(texts, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                           special_tokens=[("<s>", backend.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def write_causal_standin(kind: str, directory: Path, relations: Sequence[str] | str = "all", *, vocab_size: int = 3000,
+                         layers: int = 2, hidden: int = 32, ffn: int = 64, positions: int = 128, seed: int = 0) -> Path:
+    """A GPT-2, GPT-NeoX or Llama causal LM folder (random weights) with a BPE tokenizer trained on ParaRel text.
+
+    ``positions`` is small (128) so that long web sentences are cut, as a short-context model's would be.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    filled, _ = pararel_text(relations)
+    tokenizer = _bpe_tokenizer(filled, vocab_size, byte_level=kind != "llama")
+    tokenizer.model_max_length = positions
+    ids = dict(vocab_size=len(tokenizer.get_vocab()), bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if kind == "gpt2":
+        config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=2, n_inner=ffn, n_positions=positions, **ids)
+    elif kind == "gpt_neox":
+        config = GPTNeoXConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=ffn,
+                               max_position_embeddings=positions, rotary_pct=0.5, use_parallel_residual=True,
+                               tie_word_embeddings=False, **ids)
+    elif kind == "llama":
+        config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=ffn, max_position_embeddings=positions, tie_word_embeddings=False, **ids)
+    else:
+        raise ValueError(f"unknown causal stand-in {kind!r}; expected gpt2, gpt_neox or llama")
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_gpt2_standin(directory: Path, relations: Sequence[str] | str = "all", **kwargs) -> Path:
+    return write_causal_standin("gpt2", directory, relations, **kwargs)
+
+
+def write_gpt_neox_standin(directory: Path, relations: Sequence[str] | str = "all", **kwargs) -> Path:
+    return write_causal_standin("gpt_neox", directory, relations, **kwargs)
+
+
+def write_llama_standin(directory: Path, relations: Sequence[str] | str = "all", **kwargs) -> Path:
+    return write_causal_standin("llama", directory, relations, **kwargs)
+
+
+WRITERS = {"bert": write_bert_standin, "roberta": write_roberta_standin, "gpt2": write_gpt2_standin,
+           "gpt_neox": write_gpt_neox_standin, "llama": write_llama_standin}
 
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] not in WRITERS:

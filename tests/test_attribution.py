@@ -11,8 +11,8 @@ from kn.attribution import activation_scores, ig_attribution, quadrature, sparsi
 from kn.hooks import capture_activations, scale_neurons
 from kn.models.encoding import EncodedPrompts
 
-from .naive_ig import naive_ig
-from .tiny_models import frozen, tiny
+from .naive_ig import naive_causal_ig, naive_ig
+from .tiny_models import CAUSAL_KINDS, frozen, tiny
 
 TOLERANCE = 1e-4  # max |fast - naive| / max |naive|, per prompt and layer (fp32)
 
@@ -74,6 +74,76 @@ def test_fast_path_on_kn_tiny_shape():
     reference = naive_ig(model, encoded, targets, m=3)
     fast = ig_attribution(model, encoded, targets, m=3, batch_size=64, progress=False)
     assert relative_error(fast, reference) <= TOLERANCE
+
+
+def causal_prompts(vocab: int, lengths=(7, 12, 5, 9), seed: int = 1) -> tuple[EncodedPrompts, torch.Tensor]:
+    """Random causal prompts of different lengths (read at their last token), random targets."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(3, vocab, (length,), generator=gen).tolist() for length in lengths]
+    return EncodedPrompts(ids, [length - 1 for length in lengths]), torch.randint(3, vocab, (len(lengths),), generator=gen)
+
+
+@pytest.mark.parametrize("rule", ["left", "midpoint", "gauss_legendre"])
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
+def test_causal_fast_path_equals_naive_reference(kind, rule):
+    """GPT-2 (learned positions, Conv1D), GPT-NeoX (partial rotary, parallel residual), Llama (RMSNorm, rotary,
+    grouped-query attention, gated MLP), Mistral and Qwen2: the last-row fast path against full forward/backward
+    passes of the unmodified model, one prompt at a time."""
+    model = tiny(kind)
+    encoded, targets = causal_prompts(model.config.vocab_size)
+    reference = naive_causal_ig(model, encoded, targets, m=6, alpha_rule=rule)
+    # batch 4 < m: one prompt per chunk, steps over two passes; batch 64: all prompts in one chunk, prefixes padded
+    for batch_size in (4, 64):
+        fast = ig_attribution(model, encoded, targets, m=6, alpha_rule=rule, batch_size=batch_size, progress=False)
+        assert fast.shape == reference.shape == (4, 3, 64) and fast.dtype == torch.float32
+        assert relative_error(fast, reference) <= TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox", "llama"])
+def test_causal_sequence_target_equals_naive_reference(kind):
+    """The opt-in sequence target: P(all object tokens | prompt), teacher-forced; the recomputed rows are the
+    last prompt token and the object's tokens after it (one to four of them here)."""
+    model = tiny(kind)
+    encoded, targets = causal_prompts(model.config.vocab_size)
+    gen = torch.Generator().manual_seed(5)
+    continuations = [[int(t)] + torch.randint(3, model.config.vocab_size, (k,), generator=gen).tolist()
+                     for t, k in zip(targets.tolist(), (2, 0, 3, 1))]
+    reference = naive_causal_ig(model, encoded, targets, m=5, continuations=continuations)
+    for batch_size in (5, 64):
+        fast = ig_attribution(model, encoded, targets, m=5, batch_size=batch_size, progress=False,
+                              continuations=continuations)
+        assert relative_error(fast, reference) <= TOLERANCE
+    one_token = ig_attribution(model, encoded, targets, m=5, progress=False, continuations=[[t] for t in targets.tolist()])
+    torch.testing.assert_close(one_token, ig_attribution(model, encoded, targets, m=5, progress=False))
+
+
+def test_causal_fast_path_on_kn_tiny_gpt_shape():
+    """6 layers, 256 wide, FFN 1024 (kn-tiny-gpt's shape), random init."""
+    model = tiny("gpt2", layers=6, hidden=256, ffn=1024, vocab=300, heads=4, init=0.05)
+    encoded, targets = causal_prompts(300, lengths=(15, 11))
+    reference = naive_causal_ig(model, encoded, targets, m=3)
+    fast = ig_attribution(model, encoded, targets, m=3, batch_size=64, progress=False)
+    assert relative_error(fast, reference) <= TOLERANCE
+
+
+def test_causal_completeness_error_shrinks_with_m():
+    """Sum over a layer's IG scores -> P(alpha=1) - P(alpha=0) at the last prompt token, as m grows."""
+    model = tiny("llama")
+    encoded, targets = causal_prompts(model.config.vocab_size, lengths=(9,))
+    layer, ffn = 1, model.config.intermediate_size
+    ids, position = torch.tensor(encoded.input_ids), torch.tensor(encoded.mask_positions)
+
+    def target_prob() -> float:
+        with torch.no_grad():
+            return float(torch.softmax(model(input_ids=ids).logits[0, position[0]], -1)[targets[0]])
+
+    full = target_prob()
+    with scale_neurons(model, [(layer, i) for i in range(ffn)], 0.0, position):
+        gap = full - target_prob()
+    assert abs(gap) > 1e-4
+    errors = [abs(float(ig_attribution(model, encoded, targets, m=m, alpha_rule="midpoint", layers=[layer],
+                                       progress=False).sum()) - gap) for m in (2, 8, 32)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.05 * abs(gap), errors
 
 
 def test_layer_subset_and_batching_do_not_change_scores(bert):

@@ -23,6 +23,15 @@ The fast path computes exactly that, but only what depends on the replaced vecto
 ``tests/naive_ig.py`` holds the authors'-style reference (one prompt at a time, padded
 to 128, full forward/backward through the unmodified HF model); the tests hold the two
 equal to 1e-4 relative error in fp32.
+
+Causal LMs (docs/causal.md) are attributed at the last prompt token, and an intervention there
+changes no earlier position. So the prefix is computed once per prompt (one plain pass gives
+every layer's keys and values and every block's input), and for layer l only the rows the
+target is read from (the last prompt token; with the ``sequence`` target also the object's
+tokens after it) go through blocks l..top, the final norm and the unembedding, against the
+cached prefix keys and values (kn.models.adapters.KeyValuePrefix). The blocks are the HF
+modules themselves; a pre-hook puts the scaled vector in place of layer l's FFN vector at the
+last prompt token. Prompts x steps are batched, each prompt's prefix masked to its own length.
 """
 
 from __future__ import annotations
@@ -41,10 +50,11 @@ from tqdm.auto import tqdm
 
 from transformers import PreTrainedTokenizerBase
 
-from kn.models.adapters import adapter_for, model_device
+from kn.hooks import capture_activations, ffn_hooks
+from kn.models.adapters import CausalAdapter, KeyValuePrefix, adapter_for, model_device
 from kn.models.blocks import EncoderBlock, attention_bias
-from kn.models.encoding import EncodedPrompts, encode_prompts, object_token_id
-from kn.models.forward import target_passes
+from kn.models.encoding import EncodedPrompts, PromptCodec, encode_prompts, object_token_id, pad_sequences
+from kn.models.forward import length_sorted_batches, pad_token_id, score_continuations, target_passes
 from kn.tables import SCORES
 
 log = logging.getLogger("kn.attribution")
@@ -246,12 +256,16 @@ def ig_attribution(
     layers: Sequence[int] | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    continuations: Sequence[Sequence[int]] | None = None,
 ) -> Tensor:
     """Integrated-gradients scores [n_prompts, len(layers), ffn] (float32, CPU), SPEC §3.
 
     ``alpha_rule`` picks the quadrature (:func:`quadrature`; ``left`` is the authors').
     ``batch_size`` bounds the prompts × steps rows per forward pass; ``dtype=torch.bfloat16``
     runs the recomputed layers under bf16 autocast (the plain pass stays fp32).
+    ``continuations`` (causal LMs, the ``sequence`` target): per prompt the object's tokens;
+    the attributed quantity is then P(all of them | prompt), teacher-forced, instead of
+    P(target_ids | prompt) (``target_ids`` must be their first tokens).
     """
     chosen = _layer_list(model, layers)
     targets_all = _check_targets(encoded, target_ids, int(model.config.vocab_size))
@@ -260,6 +274,11 @@ def ig_attribution(
         raise ValueError(f"batch_size = {batch_size}; expected >= 1")
     device = model_device(model)
     adapter = adapter_for(model)
+    if isinstance(adapter, CausalAdapter):
+        return _causal_ig(adapter, encoded, targets_all, continuations, chosen, rule, m=m, batch_size=batch_size,
+                          dtype=dtype, progress=progress)
+    if continuations is not None:
+        raise ValueError("continuations (the sequence target) are for causal LMs; a masked LM reads one [MASK]")
     blocks, head = adapter.functional_blocks(), adapter.lm_head()
     prompts_per_chunk = max(1, batch_size // m)
     scores: Tensor | None = None
@@ -304,6 +323,129 @@ def ig_attribution(
         len(encoded), len(chosen), m, alpha_rule, dtype, batch_size, elapsed, len(encoded) / max(elapsed, 1e-9),
     )
     return scores
+
+
+def _causal_ig(
+    adapter: CausalAdapter,
+    encoded: EncodedPrompts,
+    targets: Tensor,
+    continuations: Sequence[Sequence[int]] | None,
+    chosen: list[int],
+    rule: Quadrature,
+    *,
+    m: int,
+    batch_size: int,
+    dtype: torch.dtype,
+    progress: bool,
+) -> Tensor:
+    """:func:`ig_attribution` for a causal LM (see the module doc): scores [n_prompts, len(chosen), ffn]."""
+    model = adapter.model
+    device = model_device(model)
+    head = adapter.lm_head()
+    if continuations is None:
+        conts = [[int(t)] for t in targets.tolist()]
+    else:
+        conts = [[int(t) for t in c] for c in continuations]
+        if len(conts) != len(encoded) or any(not c or c[0] != int(t) for c, t in zip(conts, targets.tolist())):
+            raise ValueError("continuations must be one non-empty token list per prompt, starting with its target id")
+    sequences = [list(ids) + c[:-1] for ids, c in zip(encoded.input_ids, conts)]
+    pad = pad_token_id(model)
+    scores: Tensor | None = None
+    started = time.perf_counter()
+    bar = tqdm(total=len(encoded), desc="integrated gradients", unit="prompt", disable=not progress)
+    for chunk in length_sorted_batches([len(seq) for seq in sequences], max(1, batch_size // m)):
+        ids, attention = pad_sequences([sequences[i] for i in chunk], pad, device)
+        positions = torch.tensor([encoded.mask_positions[i] for i in chunk], dtype=torch.long, device=device)
+        lengths = torch.tensor([len(conts[i]) for i in chunk], dtype=torch.long, device=device)
+        with torch.no_grad(), capture_activations(model, positions, chosen) as captured:
+            hidden, keys, values = adapter.hidden_states_and_prefix(ids, attention)
+        acts = torch.stack([captured[layer] for layer in chosen], dim=1)  # [B, layers, F]
+        if scores is None:
+            scores = torch.empty((len(encoded), len(chosen), acts.shape[-1]), dtype=torch.float32)
+        rows = _SuffixRows.build(positions, lengths, [conts[i] for i in chunk], ids.shape[1])
+        n_rows = len(chunk) * m
+        row_prompt = torch.arange(n_rows, device=device) // m
+        row_point = torch.arange(n_rows, device=device) % m
+        row_alpha, row_weight = rule.multipliers.to(device)[row_point], rule.weights.to(device)[row_point]
+        for slot, layer in enumerate(chosen):
+            inputs = hidden[layer][rows.batch_index, rows.index]  # [B, S, H]: block l's input at the recomputed rows
+            step = acts[:, slot] / rule.divisor
+            grad_sum = torch.zeros_like(step, dtype=torch.float32)
+            for start in range(0, n_rows, batch_size):
+                p = row_prompt[start : start + batch_size]
+                scaled = (step[p] * row_alpha[start : start + batch_size, None]).requires_grad_(True)
+                prefix = KeyValuePrefix({j: keys[j][p, :, : rows.prefix] for j in range(layer, adapter.n_layers)},
+                                        {j: values[j][p, :, : rows.prefix] for j in range(layer, adapter.n_layers)})
+
+                def replace(act: Tensor, scaled: Tensor = scaled) -> Tensor:
+                    act = act.clone()
+                    act[:, 0, :] = scaled.to(act.dtype)  # row 0 of the recomputed rows: the last prompt token
+                    return act
+
+                with torch.enable_grad(), _precision(device, dtype), ffn_hooks(model, {layer: replace}):
+                    final = adapter.run_from(layer, inputs[p], None if rows.mask is None else rows.mask[p], prefix,
+                                             rows.position_ids[p])
+                    prob = rows.probability(head(final), p)
+                (grad,) = torch.autograd.grad(prob.sum(), scaled)
+                weighted = grad.float() * row_weight[start : start + batch_size, None]
+                batch_prompts, counts = torch.unique_consecutive(p, return_counts=True)
+                grad_sum[batch_prompts] += torch.stack([g.sum(0) for g in weighted.split(counts.tolist())])
+            scores[torch.tensor(chunk), slot] = (step * grad_sum).float().cpu()
+        bar.update(len(chunk))
+    bar.close()
+    if scores is None:
+        raise ValueError("no prompts to attribute")
+    elapsed = time.perf_counter() - started
+    log.info("IG (causal, %s target): %d prompts x %d layers x m=%d (%s, batch %d) in %.1f s (%.2f prompts/s)",
+             "first-token" if continuations is None else "sequence", len(encoded), len(chosen), m, dtype, batch_size,
+             elapsed, len(encoded) / max(elapsed, 1e-9))
+    return scores
+
+
+@dataclass
+class _SuffixRows:
+    """The rows a causal intervention at each prompt's last token reaches, for a chunk of prompts.
+
+    Row s of prompt b is position ``positions[b] + s`` (s < its continuation length; the rest
+    pad to the longest). The prefix is the first ``prefix`` positions (the longest prompt's,
+    without its last token); prompt b sees its own first ``positions[b]`` of them.
+    """
+
+    batch_index: Tensor  # [B, 1]
+    index: Tensor  # [B, S] positions in the plain pass (padding rows clipped into range)
+    position_ids: Tensor  # [B, S] their positions (rotary embeddings)
+    valid: Tensor  # [B, S] bool: a real continuation row
+    gold: Tensor  # [B, S] the token each row predicts (0 on padding rows)
+    prefix: int
+    mask: Tensor | None  # [B, 1, S, prefix + S] additive; None when every key is visible to the one row
+
+    @classmethod
+    def build(cls, positions: Tensor, lengths: Tensor, continuations: Sequence[Sequence[int]], width: int) -> "_SuffixRows":
+        device = positions.device
+        span = int(lengths.max())
+        prefix = int(positions.max())
+        offsets = torch.arange(span, device=device)
+        position_ids = positions[:, None] + offsets[None, :]
+        valid = offsets[None, :] < lengths[:, None]
+        gold = torch.zeros(valid.shape, dtype=torch.long, device=device)
+        for b, cont in enumerate(continuations):
+            gold[b, : len(cont)] = torch.tensor([int(t) for t in cont], dtype=torch.long, device=device)
+        key_abs = torch.cat([torch.arange(prefix, device=device).expand(len(positions), -1), position_ids], dim=1)
+        in_prefix = torch.arange(prefix + span, device=device) < prefix
+        visible = torch.where(in_prefix[None, None, :], key_abs[:, None, :] < positions[:, None, None],
+                              key_abs[:, None, :] <= position_ids[:, :, None])  # [B, S, prefix + S]
+        mask = None
+        if not bool(visible.all()):
+            mask = torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill(~visible, float("-inf"))[:, None]
+        return cls(torch.arange(len(positions), device=device)[:, None], position_ids.clamp(max=width - 1), position_ids,
+                   valid, gold, prefix, mask)
+
+    def probability(self, logits: Tensor, rows: Tensor) -> Tensor:
+        """P(target | prompt) per row: one token's softmax probability, or the product over a continuation."""
+        if logits.shape[1] == 1:
+            return _prob(logits[:, 0], self.gold[rows, 0])
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, self.gold[rows][..., None])[..., 0]
+        return torch.exp((logp * self.valid[rows]).sum(dim=1))
 
 
 def sparsify(scores: Tensor, ratio: float) -> pd.DataFrame:
@@ -362,30 +504,53 @@ def attribute_prompts(
     batch_size: int,
     dtype: str,
     storage_ratio: float,
+    codec: PromptCodec | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Integrated gradients and the activation baseline for prompt rows of one relation (SPEC §3).
 
     Returns (the stored scores, one row per prompt: gold / prediction / maxima), as the
     SCORES and SHARD_PROMPTS tables. Prompts whose object is not one token of the vocabulary
-    are listed with gold_id -1 and not attributed.
+    are listed with gold_id -1 and not attributed. A causal LM (``codec``, default: the model's
+    kind) is attributed at each prompt's last token; prompts of templates it does not use (or
+    whose object cannot be separated from the prompt's tokens) are listed with gold_id -1;
+    gold_id is the object's first token, gold_prob the probability IG attributes (the first
+    token's, or with the ``sequence`` target the whole object's).
     """
-    gold = {obj: object_token_id(tokenizer, obj) for obj in prompts["object"].unique()}
-    usable = prompts["object"].map(gold).notna().to_numpy()
-    if not usable.all():
-        skipped = sorted(obj for obj, token in gold.items() if token is None)
-        log.warning("%d prompts skipped: object(s) not one token of this vocabulary: %s", int((~usable).sum()), skipped[:10])
+    codec = codec or PromptCodec.of(model, tokenizer)
+    if codec.causal:
+        used = codec.usable_rows(prompts).index
+        tokens = {k: codec.object_tokens(str(prompts.at[k, "prompt"]), str(prompts.at[k, "object"])) for k in used}
+        usable = np.array([bool(tokens.get(k)) for k in prompts.index], dtype=bool)
+        if not usable.all():
+            log.warning("%d of %d prompts not attributed: template not used by a causal LM or object not separable "
+                        "from the prompt", int((~usable).sum()), len(prompts))
+    else:
+        gold = {obj: object_token_id(tokenizer, obj) for obj in prompts["object"].unique()}
+        usable = prompts["object"].map(gold).notna().to_numpy()
+        if not usable.all():
+            skipped = sorted(obj for obj, token in gold.items() if token is None)
+            log.warning("%d prompts skipped: object(s) not one token of this vocabulary: %s", int((~usable).sum()), skipped[:10])
     studied = prompts[usable].reset_index(drop=True)
     table = prompts[["relation", "fact_id", "template_id"]].assign(
         gold_id=-1, gold_prob=np.nan, pred_id=-1, pred_token=None, correct=False, ig_max=np.nan, base_max=np.nan
     )
     frames = []
     if len(studied):
-        encoded = encode_prompts(tokenizer, studied["prompt"].tolist())
-        gold_ids = torch.tensor([gold[obj] for obj in studied["object"]], dtype=torch.long)
+        if codec.causal:
+            encoded = codec.encode(studied["prompt"].tolist())
+            gold_ids = torch.tensor(codec.target_ids(studied["prompt"].tolist(), studied["object"].tolist()), dtype=torch.long)
+            continuations = codec.continuations(studied["prompt"].tolist(), studied["object"].tolist())
+        else:
+            encoded = encode_prompts(tokenizer, studied["prompt"].tolist())
+            gold_ids = torch.tensor([gold[obj] for obj in studied["object"]], dtype=torch.long)
+            continuations = None
         plain = activation_scores(model, encoded, gold_ids, batch_size=batch_size)
+        if continuations is not None:  # the sequence target: P(all object tokens | prompt), teacher-forced
+            plain.target_prob = torch.from_numpy(
+                score_continuations(model, encoded, continuations, batch_size=batch_size).prob.astype(np.float32))
         targets = gold_ids if target == "gold" else plain.pred_ids
         ig_scores = ig_attribution(model, encoded, targets, m=m, alpha_rule=alpha_rule, batch_size=batch_size,
-                                   dtype=TORCH_DTYPES[dtype])
+                                   dtype=TORCH_DTYPES[dtype], continuations=continuations if target == "gold" else None)
         for method, scores in (("ig", ig_scores), ("base", plain.activations)):
             frames.append(long_scores(sparsify(scores, storage_ratio), studied, relation, method))
         index = np.flatnonzero(usable)

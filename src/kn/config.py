@@ -25,6 +25,19 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def model_alias(spec: str) -> str:
+    """A results-folder alias for a model path or Hugging Face id: its last component, other characters
+    than letters, digits and ``_.-`` replaced by ``-`` (``/models/Llama-3.2-1B`` -> ``Llama-3.2-1B``)."""
+    last = str(spec).rstrip("/").rsplit("/", 1)[-1]
+    alias = re.sub(r"[^A-Za-z0-9_.\-]", "-", last)
+    if not alias.strip(".-"):
+        raise ConfigError(f"cannot derive model.name from model.path={spec!r}; set model.name=<alias>")
+    return alias
+
+
+OmegaConf.register_new_resolver("kn_alias", model_alias, replace=True)  # conf/model/hf.yaml: name from path
 RUN_CONFIG_ENV = "KN_RUN_CONFIG"  # the Snakefile names its whole resolved config file here for every job
 
 

@@ -21,6 +21,12 @@ Departures from the authors' code (SPEC §6, §11), all deliberate:
   counted (the authors' 512 never cuts a Bing sentence, SPEC §1; a small model's can).
 * A th sentence in which the tail cannot be found is dropped and counted (the authors'
   code would crash; it never happens on the shipped data).
+
+A causal LM (docs/causal.md) reads each sentence cut just before [MASK] (trailing whitespace
+stripped, the tokenizer's BOS first where it adds one), and the activation is read at the last
+token before the masked word. A cut text longer than the position limit keeps its last tokens
+(the ones next to the masked word); a sentence whose [MASK] is its first word has no token
+before it and is not readable. ``n_pieces`` / ``n_unk`` count the tokens of the cut text.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import logging
 import random
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -160,13 +166,16 @@ class EncodedSentences:
         return [pos >= 0 for pos in self.mask_positions]
 
 
-def encode_sentences(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int) -> EncodedSentences:
+def encode_sentences(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int,
+                     causal: bool = False) -> EncodedSentences:
     """Tokenise like the authors (SPEC §1): keep the first ``max_len - 2`` pieces, add [CLS]/[SEP].
 
     The literal "[MASK]" becomes the tokenizer's mask token. Unlike the prompt encoder, a
     [MASK] lost to the cut is recorded (position -1) rather than raised: web sentences are
-    long and a small model's window is short.
+    long and a small model's window is short. ``causal``: see the module doc.
     """
+    if causal:
+        return _encode_causal_sentences(tokenizer, texts, max_len)
     mask_token, mask_id, unk_id = tokenizer.mask_token, tokenizer.mask_token_id, tokenizer.unk_token_id
     if mask_token is None or mask_id is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no mask token; a masked LM is required")
@@ -183,6 +192,27 @@ def encode_sentences(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], m
         encoded.n_pieces.append(len(pieces))
         encoded.n_unk.append(sum(1 for p in pieces if p == unk_id))
         encoded.truncated.append(len(pieces) + n_special > max_len)
+    return encoded
+
+
+def _encode_causal_sentences(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int) -> EncodedSentences:
+    from kn.models.encoding import bos_prefix, cut_before_mask
+
+    prefix = bos_prefix(tokenizer)
+    unk_id = tokenizer.unk_token_id
+    encoded = EncodedSentences([], [], [], [], [])
+    if not texts:
+        return encoded
+    cuts = [cut_before_mask(t)[0] for t in texts]
+    for pieces in tokenizer(cuts, add_special_tokens=False)["input_ids"]:
+        pieces = list(pieces)
+        keep = max(0, max_len - len(prefix))
+        ids = prefix + (pieces[len(pieces) - keep:] if keep else [])
+        encoded.input_ids.append(ids if pieces else prefix)
+        encoded.mask_positions.append(len(ids) - 1 if pieces and keep else -1)  # the last token before the masked word
+        encoded.n_pieces.append(len(pieces))
+        encoded.n_unk.append(sum(1 for p in pieces if unk_id is not None and p == unk_id))
+        encoded.truncated.append(len(pieces) + len(prefix) > max_len)
     return encoded
 
 
@@ -243,6 +273,7 @@ def relation_study(
     max_mask_word: int,
     head_redraws: int,
     batch_size: int,
+    codec: Any = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, int]:
     """Stage 4 for one relation: the (facts, sentences, activations) tables and the cut used.
 
@@ -253,10 +284,24 @@ def relation_study(
     """
     from kn.models.encoding import object_token_id
 
+    causal = codec is not None and codec.causal
     methods = list(knowledge_neurons)
     cut = position_limit(model, tokenizer, max_len)
     if cut < max_len:
         log.warning("model takes at most %d positions: sentences are cut there (distant.max_len=%d)", cut, max_len)
+    if causal:  # the tail as a causal LM writes it after a word and a space
+        def tail_pieces(tail: str) -> int:
+            return len(codec.object_tokens("x [MASK]", tail))
+
+        def tail_single(tail: str) -> bool:
+            return tail_pieces(tail) == 1
+    else:
+        def tail_pieces(tail: str) -> int:
+            return tail_piece_count(tokenizer, tail)
+
+        def tail_single(tail: str) -> bool:
+            return object_token_id(tokenizer, tail) is not None
+
     rng = random.Random(f"{seed}/{relation}")  # str seeds are hashed deterministically (sha512)
     fact_rows, sentence_rows, sentence_neurons = [], [], []
     for fact_id, subject, obj in facts[["fact_id", "subject", "object"]].itertuples(index=False):
@@ -264,9 +309,8 @@ def relation_study(
         lists = {method: knowledge_neurons[method].get(fact_id, []) for method in methods}
         status = {m: "no_exmp" if not th or not h else ("no_kn" if not lists[m] else "ok") for m in methods}
         fact_rows.append(
-            (relation, fact_id, subject, obj, len(th), len(h), tail_piece_count(tokenizer, obj),
-             object_token_id(tokenizer, obj) is not None, len(lists["ig"]), len(lists["base"]), status["ig"],
-             status["base"])
+            (relation, fact_id, subject, obj, len(th), len(h), tail_pieces(obj), tail_single(obj), len(lists["ig"]),
+             len(lists["base"]), status["ig"], status["base"])
         )  # fmt: skip
         if not th or not h:
             continue
@@ -278,7 +322,7 @@ def relation_study(
 
     sentences = pd.DataFrame(sentence_rows, columns=DISTANT_SENTENCES.columns[:7])
     found = sentences["text"].notna().to_numpy()
-    encoded = encode_sentences(tokenizer, sentences.loc[found, "text"].tolist(), cut)
+    encoded = encode_sentences(tokenizer, sentences.loc[found, "text"].tolist(), cut, causal=causal)
     for column, values in (("n_pieces", encoded.n_pieces), ("n_unk", encoded.n_unk), ("truncated", encoded.truncated)):
         sentences[column] = pd.Series(values, index=sentences.index[found])
         sentences[column] = sentences[column].fillna(0 if column != "truncated" else False)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from kn.hooks import edited_value_slots
 from kn.models.adapters import adapter_for
-from kn.models.encoding import encode_prompts, object_token_id
+from kn.models.encoding import PromptCodec, encode_prompts, object_token_id
 from kn.models.forward import target_logits
 from kn.paper_numbers import paper_values
 from kn.tables import ERASE, UPDATES, Fact, Neuron, facts_of, neuron_lists, studied_rows
@@ -128,7 +128,7 @@ def sample_updates(
     rule: str,
     ppl_facts: int,
     random_shape: tuple[int, int] | None = None,
-    new_object_ok: Callable[[str], bool] = lambda _obj: True,
+    new_object_ok: Callable[[Fact, int, str], bool] = lambda _fact, _prompt, _obj: True,
 ) -> tuple[list[UpdatePlan], list[RelationAttempts]]:
     """Sample the edits exactly as the authors' stage 6, consuming ``rng`` in their order.
 
@@ -171,7 +171,7 @@ def sample_updates(
             if not top1_is_gold(fact, prompt_index):
                 status.skipped[SKIP_INCORRECT] += 1
                 continue
-            if not new_object_ok(new_object):  # never on the paper's data: every object is one wordpiece
+            if not new_object_ok(fact, prompt_index, new_object):  # never on the paper's data: every object is one wordpiece
                 status.skipped[SKIP_NEW_OBJECT] += 1
                 continue
             intra: list[int] = []
@@ -316,15 +316,37 @@ def relative_change(old: float, new: float) -> float:
 
 @dataclass
 class PromptScorer:
-    """The model, its tokenizer and the vocabulary ids of object strings, for scoring prompts."""
+    """The model, its tokenizer and the vocabulary ids of object strings, for scoring prompts.
+
+    With a causal ``codec`` (docs/causal.md) prompts are read at their last token before [Y] and
+    an object's id is its first token as the tokenizer writes it after the prompt (``object_ids``
+    is then not used); a masked LM reads the [MASK] and looks objects up in ``object_ids``.
+    """
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
     object_ids: Mapping[str, int | None]
     batch_size: int
+    codec: PromptCodec | None = None
+
+    @property
+    def causal(self) -> bool:
+        return self.codec is not None and self.codec.causal
 
     def logits(self, prompts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
+        if self.causal:
+            assert self.codec is not None
+            if not prompts:
+                return torch.empty(0, adapter_for(self.model).output_embeddings().shape[0])
+            return target_logits(self.model, self.codec.encode(prompts), batch_size=batch_size or self.batch_size)
         return mask_logits(self.model, self.tokenizer, prompts, batch_size or self.batch_size)
+
+    def gold(self, prompt: str, obj: str) -> int | None:
+        """The id the model must predict for ``obj`` after ``prompt`` (None: the object cannot be scored)."""
+        if self.causal:
+            assert self.codec is not None
+            return self.codec.target_id(prompt, obj)
+        return self.object_ids[obj]
 
     def token(self, token_id: int) -> str:
         return str(self.tokenizer.convert_ids_to_tokens(int(token_id)))
@@ -335,12 +357,13 @@ class PromptScorer:
         gold: list[int] = []
         left_out = 0
         for fact in facts:
-            gold_id = self.object_ids[fact.object]
-            if gold_id is None:
-                left_out += len(fact.prompts)
-                continue
-            prompts.extend(fact.prompts)
-            gold.extend([gold_id] * len(fact.prompts))
+            for prompt in fact.prompts:
+                gold_id = self.gold(prompt, fact.object)
+                if gold_id is None:
+                    left_out += 1
+                    continue
+                prompts.append(prompt)
+                gold.append(gold_id)
         return prompts, gold, left_out
 
 
@@ -358,7 +381,7 @@ class Top1Cache:
     def __call__(self, fact: Fact, prompt_index: int) -> bool:
         key = (fact.relation, fact.fact_id, prompt_index)
         if key not in self.answers:
-            gold_id = self.scorer.object_ids[fact.object]
+            gold_id = self.scorer.gold(fact.prompts[prompt_index], fact.object)
             top1 = int(self.scorer.logits([fact.prompts[prompt_index]], batch_size=1)[0].argmax())
             self.answers[key] = gold_id is not None and top1 == gold_id
         return self.answers[key]
@@ -384,12 +407,15 @@ def run_update(
     ``unedited`` (scored once for all edits, in other batches: reduction-order noise only).
     """
     fact = facts[plan.relation][plan.fact_id]
-    gold_id = scorer.object_ids[fact.object]
-    new_id = scorer.object_ids[plan.new_object]
+    prompt = fact.prompts[plan.prompt_index]
+    gold_id = scorer.gold(prompt, fact.object)
+    new_id = scorer.gold(prompt, plan.new_object)
     if gold_id is None or new_id is None:
         raise ValueError(f"{plan.relation} fact {plan.fact_id}: objects {fact.object!r} -> {plan.new_object!r} must be single tokens")
-    prompt = fact.prompts[plan.prompt_index]
     paraphrases = [p for i, p in enumerate(fact.prompts) if i != plan.prompt_index]
+    # per paraphrase, the ids of the old and new objects after it (a masked LM: the same two ids everywhere)
+    para_new = torch.tensor([_id_or(scorer.gold(p, plan.new_object)) for p in paraphrases], dtype=torch.long)
+    para_gold = torch.tensor([_id_or(scorer.gold(p, fact.object)) for p in paraphrases], dtype=torch.long)
     para_rows = np.delete(unedited.rows_of[(plan.relation, plan.fact_id)], plan.prompt_index)
     intra_keys = [(plan.relation, i) for i in plan.intra_facts]
     inter_keys = list(plan.inter_facts)
@@ -434,10 +460,10 @@ def run_update(
         "new_rank_before": rank_before,
         "new_rank_after": rank_after,
         "paraphrases": len(paraphrases),
-        "para_success_before": _mean(para_top_before == new_id),
-        "para_success_after": _mean(para_top_after == new_id),
-        "para_gold_before": _mean(para_top_before == gold_id),
-        "para_gold_after": _mean(para_top_after == gold_id),
+        "para_success_before": _mean(para_top_before == para_new),
+        "para_success_after": _mean(para_top_after == para_new),
+        "para_gold_before": _mean(para_top_before == para_gold),
+        "para_gold_after": _mean(para_top_after == para_gold),
         "intra_facts": " ".join(str(i) for i in plan.intra_facts),
         "inter_facts": " ".join(f"{r}:{i}" for r, i in plan.inter_facts),
         "ppl_prompts_left_out": intra_left + inter_left,
@@ -446,6 +472,11 @@ def run_update(
         "nll_inter_before": _mean(unedited.nll[inter_rows]),
         "nll_inter_after": _mean(nll_after[n_intra:]),
     }
+
+
+def _id_or(token_id: int | None) -> int:
+    """A token id, or -1 (never a prediction) when the object cannot be scored after that prompt."""
+    return -1 if token_id is None else int(token_id)
 
 
 def summarize_updates(rows: pd.DataFrame, attempts: pd.DataFrame, success_k: int) -> pd.DataFrame:
@@ -603,23 +634,34 @@ def erase_relation(
 
 def editing_study(
     prompts: Mapping[str, pd.DataFrame], neurons: Mapping[str, pd.DataFrame], tokenizer: PreTrainedTokenizerBase,
-    cap: int | None,
+    cap: int | None, codec: PromptCodec | None = None,
 ) -> tuple[dict[str, list[Fact]], dict[str, list[list[Neuron]]], dict[str, int | None]]:
     """The facts both editing studies use, per relation: the studied facts whose object is one
     token of the tokenizer (no other can be edited or scored), their IG knowledge neurons
     (aligned with the facts), and the vocabulary id of every object.
 
-    ``prompts`` and ``neurons`` map each selected relation to its prompt and neuron tables.
+    ``prompts`` and ``neurons`` map each selected relation to its prompt and neuron tables. A
+    causal ``codec`` keeps only the prompts of templates it reads, and the facts whose object
+    has a first token after its first prompt (the ids are then looked up per prompt).
     """
+    causal = codec is not None and codec.causal
     if set(prompts) != set(neurons):
         raise ValueError(f"relations with prompts {sorted(prompts)} differ from those with neurons {sorted(neurons)}")
     facts: dict[str, list[Fact]] = {}
     kn_lists: dict[str, list[list[Neuron]]] = {}
     object_ids: dict[str, int | None] = {}
     for relation in sorted(prompts):
-        studied = facts_of(studied_rows(prompts[relation], cap), relation)
+        rows = studied_rows(prompts[relation], cap)
+        if causal:  # the prompts a causal LM reads and whose object it can score (every prompt of a fact, on ParaRel)
+            assert codec is not None
+            rows = codec.usable_rows(rows)
+            rows = rows[[codec.target_id(str(p), str(o)) is not None for p, o in zip(rows["prompt"], rows["object"])]]
+        studied = facts_of(rows, relation)
         for fact in studied:
-            if fact.object not in object_ids:
+            if causal:
+                assert codec is not None
+                object_ids[fact.object] = codec.target_id(fact.prompts[0], fact.object)
+            elif fact.object not in object_ids:
                 object_ids[fact.object] = object_token_id(tokenizer, fact.object)
         facts[relation] = [fact for fact in studied if object_ids[fact.object] is not None]
         if len(facts[relation]) < len(studied):
@@ -665,7 +707,7 @@ def update_study(
             random.Random(seed), facts, kn_lists, top1_is_gold, edits_per_relation=edits_per_relation,
             max_attempts=max_attempts, share=share, rule=rule, ppl_facts=ppl_facts,
             random_shape=shape if method == "random" else None,
-            new_object_ok=lambda obj: scorer.object_ids[obj] is not None,
+            new_object_ok=lambda fact, prompt_index, obj: scorer.gold(fact.prompts[prompt_index], obj) is not None,
         )
         for status in report:
             attempts.append({"method": method, "relation": status.relation, "attempts": status.attempts,

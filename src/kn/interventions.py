@@ -1,6 +1,7 @@
 """Suppressing and amplifying knowledge neurons (SPEC §5), with controls and aggregation.
 
-The paper's measurement: per fact, scale its KNs' activations at [MASK] (x0 suppress,
+The paper's measurement: per fact, scale its KNs' activations at [MASK] (a causal LM: at the
+last prompt token, docs/causal.md) (x0 suppress,
 x2 amplify), all layers at once in one forward pass, on its own prompts and on the
 prompts of one randomly drawn fact of another relation, and report per relation the
 ratio of averages mean(Δp) / mean(p0). Beyond the paper: a layer-matched random-neuron
@@ -25,8 +26,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kn.hooks import scale_neurons_per_row
-from kn.models.encoding import EncodedPrompts, encode_prompts, object_token_id
-from kn.models.forward import score_targets
+from kn.models.encoding import EncodedPrompts, PromptCodec, encode_prompts, object_token_id
+from kn.models.forward import score_continuations, score_targets
 from kn.paper_numbers import paper_values
 from kn.tables import DOSE, DOSE_SUMMARY, EFFECT_SUMMARY, EVALUATION, METHODS, Neuron
 
@@ -59,12 +60,15 @@ def gold_probabilities(
     *,
     batch_size: int = 64,
     progress: bool = False,
+    continuations: Sequence[Sequence[int]] | None = None,
 ) -> np.ndarray:
-    """P(gold | prompt) under each row's intervention: softmax over the full vocabulary at [MASK].
+    """P(gold | prompt) under each row's intervention: softmax over the full vocabulary at [MASK]
+    (a causal LM: at the last prompt token, where the neurons are scaled).
 
     Identical rows (same prompt, neurons and factor; every empty set is the plain model) are
     computed once. Rows with different neuron sets share a batch (kn.models.forward), each
-    scaled by :func:`kn.hooks.scale_neurons_per_row`.
+    scaled by :func:`kn.hooks.scale_neurons_per_row`. ``continuations`` (causal LMs, the
+    ``sequence`` target): per prompt the object's tokens, scored P(all of them), teacher-forced.
     """
     unique: dict[tuple, int] = {}
     todo: list[Intervention] = []
@@ -76,10 +80,15 @@ def gold_probabilities(
     def scaled(batch: Sequence[int], positions: torch.Tensor):
         return scale_neurons_per_row(model, [todo[k].neurons for k in batch], [todo[k].factor for k in batch], positions)
 
-    scores = score_targets(model, encoded, [gold_ids[item.prompt] for item in todo], batch_size=batch_size,
-                           items=[item.prompt for item in todo], edit=scaled,
-                           progress="forward batches" if progress else None)
-    probs = scores.prob.astype(np.float64)
+    if continuations is not None:
+        probs = score_continuations(model, encoded, [continuations[item.prompt] for item in todo], batch_size=batch_size,
+                                    items=[item.prompt for item in todo], edit=scaled,
+                                    progress="forward batches" if progress else None).prob
+    else:
+        scores = score_targets(model, encoded, [gold_ids[item.prompt] for item in todo], batch_size=batch_size,
+                               items=[item.prompt for item in todo], edit=scaled,
+                               progress="forward batches" if progress else None)
+        probs = scores.prob.astype(np.float64)
     return np.array([probs[unique[item.key()]] for item in rows], dtype=np.float64)
 
 
@@ -325,6 +334,7 @@ class EvaluationInputs:
     draws: Mapping[int, tuple[str, int]]
     neuron_sets: Mapping[str, Mapping[int, Sequence[Neuron]]]
     rankings: Mapping[str, Mapping[int, Sequence[Neuron]]]
+    continuations: Sequence[Sequence[int]] | None = None  # causal ``sequence`` target: each prompt's object tokens
 
 
 def relation_inputs(
@@ -338,13 +348,18 @@ def relation_inputs(
     random_control: bool,
     n_units: int,
     dose_ks: Sequence[int],
+    codec: PromptCodec | None = None,
 ) -> EvaluationInputs:
     """Resolve one relation's evaluation: the other-relation draws, the prompts they need (their
     objects one token of ``tokenizer``), the neuron sets per method and the dose rankings.
 
     ``prompts`` maps every selected relation to its studied prompt rows; ``neurons`` is the
-    relation's refined neurons per method; ``scores`` its stored attribution scores.
+    relation's refined neurons per method; ``scores`` its stored attribution scores. ``codec``
+    (default: a masked LM's) says how the model reads prompts: a causal LM uses only the
+    templates it reads, the object's first token after each prompt (or, with the ``sequence``
+    target, all its tokens).
     """
+    codec = codec or PromptCodec(tokenizer, causal=False)
     n_facts = {rel: int(frame["fact_id"].max()) + 1 if len(frame) else 0 for rel, frame in prompts.items()}
     if relation not in n_facts:
         raise ValueError(f"evaluate {relation}: its prompt table is not among the inputs ({sorted(n_facts)})")
@@ -355,13 +370,24 @@ def relation_inputs(
     table = pd.concat(list(prompts.values()), ignore_index=True)
     table["relation"] = table["relation"].astype(str)
     table = table[[key in needed for key in zip(table["relation"], table["fact_id"])]]
-    gold = {obj: object_token_id(tokenizer, obj) for obj in table["object"].unique()}
-    no_gold = sorted(obj for obj, token in gold.items() if token is None)
-    if no_gold:
-        log.warning("%d objects are not one token and their facts are skipped: %s", len(no_gold), no_gold[:10])
-    table = table[table["object"].map(gold).notna()].reset_index(drop=True)
-    encoded = encode_prompts(tokenizer, table["prompt"].tolist())
-    gold_ids = [int(gold[obj]) for obj in table["object"]]
+    continuations = None
+    if codec.causal:
+        table = codec.usable_rows(table)
+        ids = codec.target_ids(table["prompt"].tolist(), table["object"].tolist())
+        if min(ids, default=0) < 0:
+            log.warning("%d prompts skipped: object not separable from the prompt's tokens", sum(i < 0 for i in ids))
+        table = table[np.array(ids) >= 0].reset_index(drop=True)
+        encoded = codec.encode(table["prompt"].tolist())
+        gold_ids = codec.target_ids(table["prompt"].tolist(), table["object"].tolist())
+        continuations = codec.continuations(table["prompt"].tolist(), table["object"].tolist())
+    else:
+        gold = {obj: object_token_id(tokenizer, obj) for obj in table["object"].unique()}
+        no_gold = sorted(obj for obj, token in gold.items() if token is None)
+        if no_gold:
+            log.warning("%d objects are not one token and their facts are skipped: %s", len(no_gold), no_gold[:10])
+        table = table[table["object"].map(gold).notna()].reset_index(drop=True)
+        encoded = encode_prompts(tokenizer, table["prompt"].tolist())
+        gold_ids = [int(gold[obj]) for obj in table["object"]]
     rankings: dict[str, dict[int, list[Neuron]]] = {m: rank_by_attribution(scores[scores["method"] == m]) for m in METHODS}
     facts = sorted(set(table.loc[table["relation"] == relation, "fact_id"].astype(int)))
     neuron_sets: dict[str, Mapping[int, Sequence[Neuron]]] = {m: neurons[m] for m in METHODS}
@@ -369,7 +395,7 @@ def relation_inputs(
         neuron_sets["random"], rankings["random"] = random_controls(
             relation, seed, facts, neurons["ig"], rankings["ig"], n_units, max(dose_ks, default=0))
     return EvaluationInputs(relation, encoded, gold_ids, table[["relation", "fact_id", "template_id"]], facts, draws,
-                            neuron_sets, rankings)
+                            neuron_sets, rankings, continuations)
 
 
 def evaluate_relation(
@@ -426,7 +452,8 @@ def evaluate_relation(
                         rows.append(Intervention(i, () if column == "p0" else neurons, factor))
     log.info("%s: %d intervention rows (%d distinct forward rows)", inputs.relation, len(rows),
              len({r.key() for r in rows}))
-    probs = gold_probabilities(model, inputs.encoded, inputs.gold_ids, rows, batch_size=batch_size, progress=True)
+    probs = gold_probabilities(model, inputs.encoded, inputs.gold_ids, rows, batch_size=batch_size, progress=True,
+                               continuations=inputs.continuations)
     return _pivot(plan, probs, "result", EVALUATION.columns), _pivot(plan, probs, "dose", DOSE.columns)
 
 

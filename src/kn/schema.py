@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseException
 
 
 @dataclass
@@ -39,6 +40,7 @@ class TrainConfig:
     heldout_templates: int
     heldout_min_templates: int
     vocab_size: int
+    architecture: str  # bert (a masked LM: kn-tiny) | gpt2 (a causal LM: kn-tiny-gpt)
 
 
 @dataclass
@@ -60,6 +62,14 @@ class DataConfig:
 @dataclass
 class StudyConfig:
     facts_per_relation: Optional[int]
+
+
+@dataclass
+class CausalConfig:
+    """How causal LMs read prompts (docs/causal.md); masked LMs ignore it."""
+
+    templates_ending_in_y: bool
+    target: str
 
 
 @dataclass
@@ -152,9 +162,11 @@ class KNConfig:
     seed: int
     results_dir: str
     device: str
+    compare: list[str]
     model: ModelConfig
     data: DataConfig
     study: StudyConfig
+    causal: CausalConfig
     ig: IGConfig
     refine: RefineConfig
     analysis: AnalysisConfig
@@ -169,6 +181,7 @@ _CHOICES = {
     "model.source": {"trained", "pretrained"},
     "ig.alpha_rule": {"left", "right", "midpoint", "gauss_legendre"},
     "ig.target": {"gold", "pred"},
+    "causal.target": {"first_token", "sequence"},
     "ig.dtype": {"float32", "bfloat16"},
     "device": {"auto", "cpu", "cuda"},
     "erase.value": {"zero", "unk"},
@@ -182,7 +195,11 @@ class ConfigError(ValueError):
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming the first bad key (type, unknown key, choice, range)."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except InterpolationToMissingValueError as exc:  # e.g. model=hf's name, derived from the unset model.path
+        match = re.search(r"Missing mandatory value: (\S+)", str(exc))
+        missing = [match.group(1) if match else str(getattr(exc, "full_key", "?"))]
     if missing:
         raise ConfigError(
             f"config key {missing[0]!r} has no value (??? in conf/); set it, e.g. {missing[0]}=... on the command "
@@ -213,6 +230,8 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"config key {key!r} = {value!r}; expected one of {sorted(allowed)}")
     if cfg.model.source == "trained" and cfg.model.train is None:
         raise ConfigError("config key 'model.train' is null but model.source is 'trained'")
+    if cfg.model.train is not None and cfg.model.train.architecture not in ("bert", "gpt2"):
+        raise ConfigError(f"config key 'model.train.architecture' = {cfg.model.train.architecture!r}; expected one of ['bert', 'gpt2']")
     if cfg.model.source == "pretrained" and not cfg.model.path:
         raise ConfigError("config key 'model.path' must name a Hugging Face id or local directory")
     if not 0 < cfg.ig.storage_ratio <= 1:

@@ -218,10 +218,14 @@ def vocabulary_coverage(run: RunResults) -> str:
 
     The paper's data keep only objects that are one bert-base-cased wordpiece; any other
     vocabulary splits some objects, and those facts are left out of every measurement.
+    A causal LM scores every object by its first token after the prompt (docs/causal.md):
+    its line counts multi-token objects and the templates it cannot read or cuts.
     """
     if run.probe is None:
         return "Not measured (the probe did not run)."
     rows = run.probe[run.probe["relation"].astype(str) != "mean"]
+    if "templates_used" in rows.columns:
+        return causal_coverage(rows)
     facts, skipped = int(rows["facts"].sum()), int(rows["skipped_facts"].sum())
     prompts = int(rows["train_prompts"].sum() + rows["heldout_prompts"].sum() + rows["skipped_prompts"].sum())
     text = (f"Objects that are not one token of this tokenizer: {skipped} of {facts} ingested facts "
@@ -233,7 +237,36 @@ def vocabulary_coverage(run: RunResults) -> str:
     return text + "."
 
 
-def summary_markdown(cfg: Any, comparison: pd.DataFrame, model_card: str | None, run: RunResults) -> str:
+def causal_coverage(rows: pd.DataFrame) -> str:
+    """The causal probe's per-tokenizer and per-template counts, summed over the relations."""
+    total = lambda column: int(rows[column].sum())  # noqa: E731
+    return (
+        f"Causal LM (docs/causal.md): every object is scored by its first token after the prompt; "
+        f"{total('multi_token_facts')} of {total('facts')} ingested facts have objects of several tokens for this "
+        f"tokenizer (their exact match of the greedy continuation is reported in probe/accuracy.csv). Templates: "
+        f"{total('templates')} in all ({len(rows)} relations), {total('templates_ending_in_y')} end in [Y], "
+        f"{total('templates_text_after_y')} have text after [Y] (dropped when cut), {total('templates_subject_after_y')} "
+        f"put the subject after [Y] (not used); {total('templates_used')} used. Facts with no readable prompt: "
+        f"{total('skipped_facts')}."
+    )
+
+
+def comparison_table(this_run: str, comparison: pd.DataFrame, others: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The paper-vs-run table of this run beside other studies' (their summary.csv), row by row."""
+    table = comparison[["experiment", "paper", "paper_baseline"]].copy()
+    table[f"{this_run} (IG)"] = comparison["this_run"].to_numpy()
+    for name, other in others.items():
+        values = other.set_index("experiment")["this_run"]
+        table[f"{name} (IG)"] = [values.get(e, "not in its summary") for e in table["experiment"]]
+    table[f"{this_run} (baseline / random)"] = comparison["this_run_baseline"].to_numpy()
+    for name, other in others.items():
+        values = other.set_index("experiment")["this_run_baseline"]
+        table[f"{name} (baseline / random)"] = [values.get(e, "not in its summary") for e in table["experiment"]]
+    return table.fillna("")
+
+
+def summary_markdown(cfg: Any, comparison: pd.DataFrame, model_card: str | None, run: RunResults,
+                     others: dict[str, pd.DataFrame] | None = None, coverage: dict[str, str] | None = None) -> str:
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     return "\n".join(
         [
@@ -249,6 +282,7 @@ def summary_markdown(cfg: Any, comparison: pd.DataFrame, model_card: str | None,
             "## Paper vs this run",
             "",
             markdown_table(comparison, TITLES),
+            *_beside(cfg, comparison, others, coverage),
             "## Vocabulary coverage",
             "",
             vocabulary_coverage(run),
@@ -266,6 +300,24 @@ def summary_markdown(cfg: Any, comparison: pd.DataFrame, model_card: str | None,
     )
 
 
+def _beside(cfg: Any, comparison: pd.DataFrame, others: dict[str, pd.DataFrame] | None,
+            coverage: dict[str, str] | None) -> list[str]:
+    if not others:
+        return []
+    names = ", ".join(f"`{name}`" for name in others)
+    lines = [
+        f"## Beside {names}",
+        "",
+        f"This run (`{cfg.model.name}`) and the studies of {names} in the same results folder (config key `compare`), "
+        "read from their summary.csv; each study has its own model, so numbers are read side by side.",
+        "",
+        markdown_table(comparison_table(str(cfg.model.name), comparison, others)),
+    ]
+    for name, text in (coverage or {}).items():
+        lines += [f"Vocabulary coverage of `{name}`'s tokenizer: {text}", ""]
+    return lines
+
+
 CSS = (
     "body{font-family:sans-serif;margin:1.5em;max-width:1300px}table{border-collapse:collapse;margin:.5em 0 1.5em}"
     "th,td{border:1px solid #ccc;padding:3px 6px;font-size:13px;text-align:left}th{background:#f0f0f0}"
@@ -273,7 +325,8 @@ CSS = (
 )
 
 
-def summary_html(cfg: Any, comparison: pd.DataFrame, model_card: str | None, tables: dict[str, pd.DataFrame]) -> str:
+def summary_html(cfg: Any, comparison: pd.DataFrame, model_card: str | None, tables: dict[str, pd.DataFrame],
+                 others: dict[str, pd.DataFrame] | None = None) -> str:
     """A self-contained page (no scripts, no external files) the Snakemake report shows inline."""
 
     def table(frame: pd.DataFrame) -> str:
@@ -288,6 +341,11 @@ def summary_html(cfg: Any, comparison: pd.DataFrame, model_card: str | None, tab
         "expected to match.</p>",
         "<h2>Paper vs this run</h2>",
         table(comparison.rename(columns=TITLES)),
+    ]
+    if others:
+        parts += [f"<h2>Beside {html.escape(', '.join(others))} (same results folder; each study has its own model)</h2>",
+                  table(comparison_table(str(cfg.model.name), comparison, others))]
+    parts += [
         "<h2>Tables of the study</h2>",
     ]
     for name, frame in tables.items():

@@ -98,6 +98,12 @@ FACTS = Table("facts", "ingest", _schema(("relation", _LS), ("relation_label", _
 PROBE = Table("probe", "probe", _schema(
     ("relation", _LS), ("fact_id", _I32), ("template_id", _I32), ("heldout", _BOOL), ("gold_id", _I32),
     ("gold_prob", _F32), ("gold_rank", _I32), ("pred_token", _LS), ("correct", _BOOL), ("skipped", _BOOL)))
+# a causal LM's probe (docs/causal.md): every PROBE column (gold = the object's first token after the prompt;
+# skipped = template not used or object not separable from the prompt's tokens), then how the template was used
+# (ends_in_y / text_after_y: the text after [Y] was dropped / subject_after_y: not used), the object's token count,
+# log P(all object tokens | prompt) teacher-forced, and whether greedy decoding writes exactly the whole object
+PROBE_CAUSAL = Table("causal probe", "probe", _schema(
+    *PROBE.schema, ("template_use", _LS), ("object_tokens", _I32), ("object_logprob", _F64), ("greedy_match", _BOOL)))
 PROBE_ACCURACY = CsvTable("probe accuracy", "probe_summary", (
     "relation", "facts", "skipped_facts", "skipped_prompts", "train_prompts", "heldout_prompts", "train_accuracy",
     "heldout_accuracy", "train_gold_prob", "heldout_gold_prob", "majority_baseline"))

@@ -34,6 +34,7 @@ TINY_RECIPE = TrainConfig(
     seed=3, num_layers=2, hidden_size=64, intermediate_size=128, num_heads=2, dropout=0.0, max_steps=200,
     target_accuracy=None, eval_every=100, eval_sample=64, batch_size=32, lr=3e-3, weight_decay=0.0,
     warmup_steps=10, other_mask_prob=0.15, heldout_templates=1, heldout_min_templates=5, vocab_size=600,
+    architecture="bert",
 )
 
 
@@ -190,3 +191,39 @@ def test_read_heldout_templates(tmp_path):
     (tmp_path / TRAINING_RECORD).write_text(json.dumps({"recipe": {}}))
     with pytest.raises(ValueError, match="heldout_templates"):
         read_heldout_templates(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def causal_organism(prompts, all_objects):
+    """kn-tiny-gpt's recipe at test size: a GPT-2 causal LM, the object as the next token after the cut prompt."""
+    return train_organism(prompts, all_objects, replace(TINY_RECIPE, architecture="gpt2", other_mask_prob=0.0))
+
+
+def test_causal_organism_reads_cut_prompts_and_learns_its_facts(causal_organism, prompts):
+    from kn.models.encoding import TEMPLATE_SUBJECT_AFTER_Y, template_use
+    from kn.tables import PROBE_CAUSAL
+
+    organism = causal_organism
+    tokenizer, codec = organism.tokenizer, organism.codec
+    assert codec is not None and codec.causal and type(organism.model).__name__ == "GPT2LMHeadModel"
+    ids = tokenizer("Alan Turing works in the field of")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.mask_token_id is None  # <s> first, no [MASK]
+    for prompt, obj in zip(prompts["prompt"], prompts["object"]):  # every object is one token after its prompt
+        assert codec.object_tokens(prompt, obj) == (tokenizer.get_vocab()[obj],)
+    uses = prompts["template"].map(template_use)
+    usable = prompts[uses != TEMPLATE_SUBJECT_AFTER_Y]
+    for relation, held in organism.heldout.items():  # held out among the templates a causal LM reads
+        assert set(held) <= set(usable.loc[usable["relation"] == relation, "template_id"])
+    assert organism.train_prompts + organism.heldout_prompts == len(usable)
+    probes = pd.concat([probe_relation(organism.model, tokenizer, g, organism.heldout[r], codec=codec)
+                        for r, g in prompts.groupby("relation")])
+    assert list(probes.columns) == PROBE_CAUSAL.columns
+    assert probes["skipped"].tolist() == (uses == TEMPLATE_SUBJECT_AFTER_Y).tolist()
+    summary = accuracy_summary(probes, prompts)
+    assert summary["train_accuracy"].mean() > summary["majority_baseline"].mean() + 0.2
+    assert (summary["train_exact_match"] == summary["train_accuracy"]).all()  # one-token objects: the same
+
+
+def test_causal_training_refuses_other_token_masking(prompts, all_objects):
+    with pytest.raises(ValueError, match="other_mask_prob must be 0"):
+        train_organism(prompts, all_objects, replace(TINY_RECIPE, architecture="gpt2", max_steps=2))

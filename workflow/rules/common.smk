@@ -1,6 +1,7 @@
 # Shared helpers: compose the Hydra config once, hand each rule its resolved values.
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path

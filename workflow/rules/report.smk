@@ -32,11 +32,62 @@ SUMMARY_INPUTS = {
 SUMMARY = "0. Summary"
 ATTRIBUTION_BENCHMARKS = {f"{rel}/{shard}": L.benchmark(L.scores(rel, shard)) for rel in RELATIONS for shard in shards(rel)}
 
+# Other models' studies shown beside this one (config key compare: [model config names]), e.g. experiment=causal
+# shows kn-tiny's masked study beside kn-tiny-gpt's. Each is this workflow run with model=<name> and this run's
+# other overrides into the same results folder; the rule runs it only when its summary.csv is missing.
+COMPANION_DROPS = ("experiment=", "model=", "model.name=", "model.path=", "model.source=", "model.layer_norm_eps=",
+                   "compare=", "results_dir=")
+
+
+def companion_overrides(name):
+    """model=<name>, then this run's overrides except those choosing the experiment, the model or the comparison
+    (so data, study and method settings, and a trained organism's recipe overrides, agree)."""
+    own = [o for o in OVERRIDES if not o.lstrip("+~").startswith(COMPANION_DROPS)]
+    return [f"model={name}", *own, f"results_dir={RESULTS}", "compare=[]"]
+
+
+COMPANIONS = {}
+for _name in CFG.compare:
+    _companion = compose_config(companion_overrides(str(_name)))
+    if _companion.model.name == MODEL:
+        raise ValueError(f"compare: {_name!r} studies this run's own model {MODEL!r}")
+    COMPANIONS[str(_companion.model.name)] = (str(_name), Layout(RESULTS, _companion.model.name))
+COMPANION_SUMMARIES = {alias: layout.path("summary.csv") for alias, (_, layout) in COMPANIONS.items()}
+COMPANION_PROBES = {alias: layout.path("probe/accuracy.csv") for alias, (_, layout) in COMPANIONS.items()}
+
+if COMPANIONS:
+
+    rule companion_study:
+        input:
+            list(per_relation(L.relation_prompts).values()),  # start after this run's ingestion (shared files)
+        output:
+            summary=Layout(RESULTS, "{companion}").path("summary.csv"),
+            probe=Layout(RESULTS, "{companion}").path("probe/accuracy.csv"),
+        params:
+            config=lambda wc: shlex.quote(f"overrides={json.dumps(companion_overrides(COMPANIONS[wc.companion][0]))}"),
+            snakefile=workflow.main_snakefile,
+        log:
+            L.log(f"{RESULTS}/companions/{{companion}}"),
+        benchmark:
+            L.benchmark(f"{RESULTS}/companions/{{companion}}")
+        wildcard_constraints:
+            companion="|".join(re.escape(alias) for alias in COMPANIONS),
+        threads: workflow.cores
+        conda:
+            CONDA_ENV
+        shell:
+            # --nolock: the outer run holds the lock; the nested run writes only its own model's files (and the
+            # shared ingestion files, identical for both when the data keys agree)
+            "snakemake --snakefile {params.snakefile} --cores {threads} --nolock {output.summary} {output.probe} "
+            "--config {params.config} > {log} 2>&1"
+
 
 rule summary:
     input:
         list(dict.fromkeys(SUMMARY_INPUTS.values())),
         ATTRIBUTION_BENCHMARKS.values(),
+        COMPANION_SUMMARIES.values(),
+        COMPANION_PROBES.values(),
     output:
         markdown=report(L.path("summary.md"), caption="../report/summary_md.rst", category=SUMMARY, labels={"file": "summary.md"}),
         table=report(L.path("summary.csv"), caption="../report/summary_csv.rst", category=SUMMARY, labels={"file": "summary.csv"}),
@@ -44,7 +95,7 @@ rule summary:
     params:
         overrides=stage_args("summary"),  # the whole config: the summary prints it, so any change reruns it
         inputs=" ".join(f"--in {name}={shlex.quote(path)}" for name, path in SUMMARY_INPUTS.items()),
-        benchmarks=keyed_args(benchmark=ATTRIBUTION_BENCHMARKS),
+        benchmarks=keyed_args(benchmark=ATTRIBUTION_BENCHMARKS, compare=COMPANION_SUMMARIES, compare_probe=COMPANION_PROBES),
     log:
         L.log(L.path("summary")),
     benchmark:

@@ -13,7 +13,13 @@ one family of Hugging Face models:
 * the LM head as a function of final hidden states, and the base-model forward pass;
 * the longest input the position embeddings take;
 * for integrated gradients, the blocks as functions (``kn.models.blocks``) that can
-  resume after a replaced FFN activation.
+  resume after a replaced FFN activation (masked LMs), or how to run one decoder block of the
+  HF model on a few rows against cached keys and values (causal LMs, ``CausalAdapter``).
+
+The model's kind is decided here and nowhere else: ``Adapter.causal`` (a class attribute,
+looked up by ``config.model_type`` before any weight is loaded: :func:`is_causal_type`). Which
+AutoModel class loads a checkpoint, how a prompt is encoded, which token ids are its target and
+at which position it is read all key off it (kn.models.load, kn.models.encoding).
 
 Adding an architecture means adding one subclass here (registered by its ``model_types``)
 and its test in tests/models/test_adapters.py.
@@ -21,7 +27,7 @@ and its test in tests/models/test_adapters.py.
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -172,6 +178,164 @@ class DistilBert(Adapter):
                 Norm.of(layer.output_layer_norm), int(attn.n_heads),
             ))
         return blocks
+
+
+class KeyValuePrefix:
+    """Keys and values of a prompt prefix, per layer, handed to HF attention in place of its cache.
+
+    HF's attention modules call ``cache.update(new_keys, new_values, layer_idx, ...)`` and attend
+    over what it returns; this returns the cached prefix followed by the new rows without storing
+    anything, so one prefix serves every forward pass (every layer and integration step) unchanged.
+    ``keys[layer]`` / ``values[layer]`` are ``[rows, kv_heads, prefix, head_dim]`` (after rotary
+    embedding, as HF's own cache holds them).
+    """
+
+    def __init__(self, keys: dict[int, Tensor], values: dict[int, Tensor]) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int, *_args: Any, **_kwargs: Any) -> tuple[Tensor, Tensor]:
+        return (torch.cat([self.keys[layer_idx].to(key.dtype), key], dim=-2),
+                torch.cat([self.values[layer_idx].to(value.dtype), value], dim=-2))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.keys[min(self.keys)].shape[-2]) if self.keys else 0
+
+
+class CausalAdapter(Adapter):
+    """Pre-LN decoder-only (causal) LMs loaded with AutoModelForCausalLM.
+
+    The FFN neuron vector is the input of the down projection (GPT-2 ``mlp.c_proj``, GPT-NeoX
+    ``mlp.dense_4h_to_h``, Llama-style ``mlp.down_proj``): the activation output of the up
+    projection, or act(gate) * up for gated MLPs. Integrated gradients (kn.attribution) runs
+    the HF decoder blocks themselves on the rows an intervention reaches, against the cached
+    keys and values of the positions before them (:class:`KeyValuePrefix`), so no block is
+    reimplemented.
+    """
+
+    causal = True
+    final_norm_path: ClassVar[str]  # from the *ForCausalLM model to the norm after the last block
+    rotary_path: ClassVar[str | None] = None  # from the *ForCausalLM model to the rotary embedding, if any
+
+    def lm_head(self) -> Callable[[Tensor], Tensor]:
+        """The unembedding applied to the base model's last hidden state (already after the final norm)."""
+        return self.model.get_output_embeddings()
+
+    def final_norm(self) -> nn.Module:
+        return self.model.get_submodule(self.final_norm_path)
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, all_layers: bool = False) -> tuple[Tensor, ...]:
+        """As :meth:`Adapter.hidden_states`; entry l < n_layers of ``all_layers`` is block l's input.
+
+        (HF's last entry is the final norm's output, not the last block's; nothing here reads
+        the raw last block output.)
+        """
+        return super().hidden_states(input_ids, attention_mask, all_layers)
+
+    def hidden_states_and_prefix(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[tuple[Tensor, ...], list[Tensor], list[Tensor]]:
+        """Every block's input (plus the final normed state) and every layer's keys and values."""
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                                    use_cache=True)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        keys = [layer.keys for layer in cache.layers]
+        values = [layer.values for layer in cache.layers]
+        short = [j for j, k in enumerate(keys) if k.shape[-2] != input_ids.shape[1]]
+        if short:  # a sliding-window cache keeps only the window: prompts longer than it are not supported
+            raise ValueError(
+                f"layer {short[0]} keeps keys for {keys[short[0]].shape[-2]} of {input_ids.shape[1]} positions "
+                f"(sliding window {getattr(self.config, 'sliding_window', None)}); prompts must fit the attention window"
+            )
+        return tuple(out.hidden_states), keys, values
+
+    def position_embeddings(self, hidden: Tensor, position_ids: Tensor) -> Any:
+        """What the blocks take as ``position_embeddings`` (rotary cos/sin), or None (learned absolute positions)."""
+        if self.rotary_path is None:
+            return None
+        return self.model.get_submodule(self.rotary_path)(hidden, position_ids=position_ids)
+
+    def run_block(self, layer: int, hidden: Tensor, attention_mask: Tensor | None, prefix: KeyValuePrefix,
+                  position_embeddings: Any) -> Tensor:
+        """Block ``layer`` of the HF model on ``hidden`` [R, S, H], attending over ``prefix`` then these rows.
+
+        ``attention_mask`` is additive, [R, 1, S, prefix + S] (0 where a key is visible, -inf
+        where not), or None when S = 1 and every key is visible.
+        """
+        raise NotImplementedError
+
+    def run_from(self, layer: int, hidden: Tensor, attention_mask: Tensor | None, prefix: KeyValuePrefix,
+                 position_ids: Tensor) -> Tensor:
+        """Blocks ``layer`` .. top and the final norm on ``hidden`` (block ``layer``'s input rows)."""
+        embeddings = self.position_embeddings(hidden, position_ids)
+        for index in range(layer, self.n_layers):
+            hidden = self.run_block(index, hidden, attention_mask, prefix, embeddings)
+        return self.final_norm()(hidden)
+
+
+class GPT2(CausalAdapter):
+    """GPT-2: learned absolute positions, Conv1D projections ([in, out] weights), MLP c_fc -> act -> c_proj."""
+
+    model_types = ("gpt2",)
+    blocks_path = "transformer.h"
+    value_projection_path = "mlp.c_proj"
+    attention_output_path = "attn.c_proj"
+    final_norm_path = "transformer.ln_f"
+
+    def value_slots(self, layer: int) -> Tensor:
+        """Conv1D stores its weight as [in, out] = [units, hidden]: row i is neuron i's value slot, no transpose."""
+        from transformers.pytorch_utils import Conv1D
+
+        projection = self.value_projection(layer)
+        if not isinstance(projection, Conv1D):
+            raise TypeError(f"layer {layer}: {self.value_projection_path} is {type(projection).__name__}, expected Conv1D")
+        return projection.weight
+
+    def run_block(self, layer: int, hidden: Tensor, attention_mask: Tensor | None, prefix: KeyValuePrefix,
+                  position_embeddings: Any) -> Tensor:
+        return self.blocks()[layer](hidden, prefix, attention_mask)
+
+
+class GPTNeoX(CausalAdapter):
+    """GPT-NeoX / Pythia: rotary (possibly partial), parallel or sequential residual, MLP dense_h_to_4h -> act -> dense_4h_to_h."""
+
+    model_types = ("gpt_neox",)
+    blocks_path = "gpt_neox.layers"
+    value_projection_path = "mlp.dense_4h_to_h"
+    attention_output_path = "attention.dense"
+    final_norm_path = "gpt_neox.final_layer_norm"
+    rotary_path = "gpt_neox.rotary_emb"
+
+    def run_block(self, layer: int, hidden: Tensor, attention_mask: Tensor | None, prefix: KeyValuePrefix,
+                  position_embeddings: Any) -> Tensor:
+        return self.blocks()[layer](hidden, attention_mask=attention_mask, layer_past=prefix,
+                                    position_embeddings=position_embeddings)
+
+
+class Llama(CausalAdapter):
+    """Llama and the models that keep its layout (Mistral, Qwen2): RMSNorm, rotary, grouped-query
+    attention, gated MLP down_proj(act(gate_proj x) * up_proj x). A sliding attention window
+    (Mistral) must be longer than the prompts (4,096 in Mistral-7B; ParaRel prompts are ~15 tokens)."""
+
+    model_types = ("llama", "mistral", "qwen2")
+    blocks_path = "model.layers"
+    value_projection_path = "mlp.down_proj"
+    attention_output_path = "self_attn.o_proj"
+    final_norm_path = "model.norm"
+    rotary_path = "model.rotary_emb"
+
+    def run_block(self, layer: int, hidden: Tensor, attention_mask: Tensor | None, prefix: KeyValuePrefix,
+                  position_embeddings: Any) -> Tensor:
+        return self.blocks()[layer](hidden, attention_mask=attention_mask, cache=prefix,
+                                    position_embeddings=position_embeddings)
+
+
+def is_causal_type(model_type: str) -> bool:
+    """Whether checkpoints of ``config.model_type`` are causal LMs (decided by their adapter); a clear error if unsupported."""
+    if model_type not in Adapter.registry:
+        raise ValueError(
+            f"architecture {model_type!r} has no adapter; supported: {supported_architectures()}. "
+            "Add a subclass of kn.models.adapters.Adapter naming its blocks, value projection, attention "
+            "output and LM head (and a test in tests/models/test_adapters.py)."
+        )
+    return Adapter.registry[model_type].causal
 
 
 def supported_architectures() -> list[str]:

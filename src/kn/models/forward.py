@@ -7,9 +7,12 @@ each batch holds ``batch_size`` of them, right-padded to its longest prompt with
 pad id (:func:`pad_token_id`); the base model runs on the batch (under an optional
 per-batch edit such as scaled neurons), FFN activations can be captured at the target
 position, and the LM head runs on the target rows only (the vocabulary projection would
-otherwise dominate the cost). The target position is the [MASK] of a masked LM.
+otherwise dominate the cost). The target position is the [MASK] of a masked LM and the last
+prompt token of a causal LM (kn.models.encoding). :func:`score_continuations` reads a causal LM
+at every position of a teacher-forced continuation (the object's tokens after the prompt).
 
-Padding never changes a result: padded keys get attention weight exactly 0 (SPEC §1).
+Padding never changes a result: padded keys get attention weight exactly 0 (SPEC §1); causal LMs
+are right-padded, so every real token keeps its position.
 """
 
 from __future__ import annotations
@@ -147,3 +150,78 @@ def score_targets(
         scores.prob[index[has]] = probs[rows, gold].cpu().numpy()[has]
         scores.rank[index[has]] = rank.cpu().numpy().astype(np.int32)[has]
     return scores
+
+
+@dataclass
+class ContinuationScores:
+    """Per item, a causal LM reading a continuation teacher-forced after the prompt.
+
+    ``logprob``: log P(all continuation tokens | prompt) (sum over its tokens); ``prob`` its exp;
+    ``greedy``: whether greedy decoding from the prompt writes exactly the continuation (every
+    teacher-forced step's argmax is the next token); ``first``: the :class:`TargetScores` of
+    its first token alone. NaN / -1 / False where an item has no continuation.
+    """
+
+    logprob: np.ndarray  # float64
+    prob: np.ndarray  # float64
+    greedy: np.ndarray  # bool
+    first: TargetScores
+
+
+def score_continuations(
+    model: nn.Module,
+    encoded: EncodedPrompts,
+    continuations: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    items: Sequence[int] | None = None,
+    edit: BatchEdit | None = None,
+    progress: str | None = None,
+) -> ContinuationScores:
+    """Teacher-forced scores of ``continuations[k]`` (token ids) after the prompt of item k (a causal LM).
+
+    The model reads prompt + continuation[:-1]; position target + s predicts continuation[s].
+    ``edit`` (e.g. scaled neurons) gets each item's prompt target position, as in :func:`target_passes`.
+    """
+    adapter = adapter_for(model)
+    if not adapter.causal:
+        raise ValueError("continuations are scored by causal LMs only; a masked LM reads one [MASK]")
+    device = model_device(model)
+    prompt_of = list(range(len(encoded))) if items is None else [int(i) for i in items]
+    if len(continuations) != len(prompt_of):
+        raise ValueError(f"{len(continuations)} continuations for {len(prompt_of)} items")
+    n = len(prompt_of)
+    out = ContinuationScores(np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, dtype=bool),
+                             TargetScores(np.full(n, np.nan, dtype=np.float32), np.full(n, -1, dtype=np.int32),
+                                          np.zeros(n, dtype=np.int64)))
+    sequences = [list(encoded.input_ids[p]) + [int(t) for t in continuations[k][:-1]] for k, p in enumerate(prompt_of)]
+    head = adapter.lm_head()
+    pad = pad_token_id(model)
+    for batch in tqdm(length_sorted_batches([len(s) for s in sequences], batch_size), desc=progress, unit="batch",
+                      disable=progress is None, mininterval=5.0):
+        scored = [k for k in batch if len(continuations[k])]
+        if not scored:
+            continue
+        ids, mask = pad_sequences([sequences[k] for k in scored], pad, device)
+        positions = torch.tensor([encoded.mask_positions[prompt_of[k]] for k in scored], dtype=torch.long, device=device)
+        rows = torch.cat([torch.full((len(continuations[k]),), r, dtype=torch.long) for r, k in enumerate(scored)]).to(device)
+        cols = torch.cat([positions[r] + torch.arange(len(continuations[k]), device=device) for r, k in enumerate(scored)])
+        gold = torch.tensor([int(t) for k in scored for t in continuations[k]], dtype=torch.long, device=device)
+        with torch.no_grad(), (edit(scored, positions) if edit else contextlib.nullcontext()):
+            (hidden,) = adapter.hidden_states(ids, mask)
+            logits = head(hidden[rows, cols]).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        token_logp = logp.gather(1, gold[:, None])[:, 0].double().cpu()
+        hit = (logits.argmax(-1) == gold).cpu()
+        start = 0
+        for r, k in enumerate(scored):
+            length = len(continuations[k])
+            out.logprob[k] = float(token_logp[start : start + length].sum())
+            out.greedy[k] = bool(hit[start : start + length].all())
+            first_logits = logits[start]
+            out.first.prob[k] = float(torch.softmax(first_logits, -1)[gold[start]])
+            out.first.rank[k] = int((first_logits > first_logits[gold[start]]).sum()) + 1
+            out.first.pred[k] = int(first_logits.argmax())
+            start += length
+    out.prob = np.exp(out.logprob)
+    return out

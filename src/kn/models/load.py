@@ -1,4 +1,9 @@
-"""Load any Hugging Face masked LM (by id or local directory) with clear failures."""
+"""Load any Hugging Face masked or causal LM (by id or local directory) with clear failures.
+
+The checkpoint's ``config.model_type`` decides its kind through its adapter
+(kn.models.adapters.is_causal_type), before any weight is read: masked LMs load with
+AutoModelForMaskedLM, causal LMs with AutoModelForCausalLM.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from kn.models.adapters import adapter_for
+from kn.models.adapters import adapter_for, is_causal_type
 
 
 class ModelLoadError(ValueError):
@@ -23,15 +35,15 @@ def _looks_local(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1
 
 
-def load_masked_lm(
+def load_lm(
     spec: str | Path,
     device: torch.device | str = "cpu",
     layer_norm_eps: float | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model + tokenizer in eval mode, fp32, on ``device``.
+    """Load model + tokenizer in eval mode, fp32, on ``device``: a masked or a causal LM, as its architecture is.
 
     ``layer_norm_eps`` overrides every LayerNorm's epsilon (the authors' BERT used 1e-5,
-    SPEC §1). Unsupported architectures fail here, before any compute.
+    SPEC §1). Unsupported architectures fail here, before any weight is loaded.
     """
     spec = str(spec)
     path = Path(spec).expanduser()
@@ -47,25 +59,25 @@ def load_masked_lm(
     if layer_norm_eps is not None:
         kwargs["layer_norm_eps"] = layer_norm_eps
     try:
+        config = AutoConfig.from_pretrained(spec)
+    except (OSError, ValueError) as exc:
+        raise _load_error(spec, exc) from exc
+    causal = is_causal_type(str(config.model_type))  # unsupported architectures fail here, before the weights
+    try:
         tokenizer = AutoTokenizer.from_pretrained(spec)
-        model, info = AutoModelForMaskedLM.from_pretrained(
+        model, info = (AutoModelForCausalLM if causal else AutoModelForMaskedLM).from_pretrained(
             spec, dtype=torch.float32, output_loading_info=True, **kwargs
         )
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"cannot load masked LM {spec!r}: {exc}\n"
-            "Provide the weights in one of these ways: (1) a local directory holding config.json, the "
-            "weights and the tokenizer: model.path=/path/to/dir; (2) a Hugging Face cache that already "
-            "holds the model (HF_HOME / HF_HUB_CACHE), with HF_HUB_OFFLINE=1 on offline machines; "
-            "(3) network access to the Hub with HF_HUB_OFFLINE unset."
-        ) from exc
+        raise _load_error(spec, exc) from exc
     head_missing = [k for k in info.get("missing_keys", []) if not _is_tied_decoder(k) and _is_head_key(k)]
     if head_missing:
+        kind, classes = ("causal-LM", "*ForCausalLM") if causal else ("masked-LM", "*ForMaskedLM / *ForPreTraining")
         raise ModelLoadError(
-            f"{spec!r} has no trained masked-LM head (missing {head_missing[:3]}...); "
-            "knowledge neurons need a checkpoint saved from a *ForMaskedLM / *ForPreTraining model"
+            f"{spec!r} has no trained {kind} head (missing {head_missing[:3]}...); "
+            f"knowledge neurons need a checkpoint saved from a {classes} model"
         )
-    adapter_for(model)  # fails early for architectures without an adapter
+    adapter_for(model)
     if layer_norm_eps is not None:
         for module in model.modules():
             if isinstance(module, torch.nn.LayerNorm):
@@ -77,8 +89,21 @@ def load_masked_lm(
     return model, tokenizer
 
 
+def _load_error(spec: str, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"cannot load language model {spec!r}: {exc}\n"
+        "Provide the weights in one of these ways: (1) a local directory holding config.json, the "
+        "weights and the tokenizer: model.path=/path/to/dir; (2) a Hugging Face cache that already "
+        "holds the model (HF_HOME / HF_HUB_CACHE), with HF_HUB_OFFLINE=1 on offline machines; "
+        "(3) network access to the Hub with HF_HUB_OFFLINE unset."
+    )
+
+
+load_masked_lm = load_lm  # the name callers used before causal LMs were supported
+
+
 def _is_head_key(key: str) -> bool:
-    return key.startswith(("cls.", "lm_head.", "vocab_", "generator_lm_head", "generator_predictions"))
+    return key.startswith(("cls.", "lm_head.", "vocab_", "generator_lm_head", "generator_predictions", "embed_out."))
 
 
 def _is_tied_decoder(key: str) -> bool:

@@ -1,11 +1,14 @@
-"""Train the embedded model organism `kn-tiny`: a WordPiece tokenizer and a BERT masked LM from scratch.
+"""Train the embedded model organisms from scratch: `kn-tiny` (a BERT masked LM) and `kn-tiny-gpt`
+(a GPT-2 causal LM), each with its own word-level tokenizer.
 
-No pretrained English masked LM is available offline, so the pipeline trains its own on
-ParaRel: every fact is shown through its relation's templates with the object masked.
-The tokenizer keeps every object label a single token, so the paper's gold-id lookup
-(SPEC §1: the whole object string is one vocabulary entry) applies unchanged. Some
-templates per relation are held out of training to measure whether a fact is known
-across paraphrases rather than memorised per template.
+No pretrained English LM is available offline, so the pipeline trains its own on ParaRel:
+every fact is shown through its relation's templates, the object masked (kn-tiny) or as the
+next token after the template cut just before [Y] (kn-tiny-gpt; templates whose [X] comes
+after [Y] are not used, docs/causal.md). The tokenizers keep every object label a single
+token, so the paper's gold-id lookup (SPEC §1: the whole object string is one vocabulary
+entry) applies unchanged, and both organisms are studied on the same targets. Some templates
+per relation are held out of training to measure whether a fact is known across paraphrases
+rather than memorised per template.
 """
 
 from __future__ import annotations
@@ -22,31 +25,44 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
-from tokenizers.models import WordLevel
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+from tokenizers.models import WordLevel, WordPiece
 from torch.nn import functional as F
 from tqdm import tqdm
-from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertTokenizerFast,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
-from kn.models.encoding import EncodedPrompts, encode_prompts, pad_sequences
+from kn.models.adapters import adapter_for
+from kn.models.encoding import EncodedPrompts, PromptCodec, encode_prompts, pad_sequences
 from kn.models.forward import score_targets
 from kn.schema import TrainConfig
 
 log = logging.getLogger("kn.training")
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+CAUSAL_SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")  # kn-tiny-gpt: <s> starts every text (BOS)
 MAX_POSITIONS = 512  # the web-sentence stages (SPEC §6) encode up to 512 pieces
 IGNORE = -100
 
 
 def choose_heldout_templates(
-    template_counts: Mapping[str, int], per_relation: int, min_templates: int, seed: int
+    template_counts: Mapping[str, int], per_relation: int, min_templates: int, seed: int,
+    template_ids: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, list[int]]:
     """Template ids held out of training, per relation (sorted; empty below ``min_templates``).
 
     The draw is seeded per relation (string seeds hash deterministically in CPython), so
     adding or removing a relation never changes another relation's held-out templates.
-    At least one template per relation always stays in training.
+    At least one template per relation always stays in training. ``template_ids``: draw
+    among these ids (a causal organism's usable templates) instead of 0..count-1.
     """
     heldout: dict[str, list[int]] = {}
     for relation in sorted(template_counts):
@@ -55,7 +71,8 @@ def choose_heldout_templates(
             heldout[relation] = []
             continue
         rng = random.Random(f"kn-heldout:{seed}:{relation}")
-        heldout[relation] = sorted(rng.sample(range(n_templates), min(per_relation, n_templates - 1)))
+        population = range(n_templates) if template_ids is None else sorted(int(t) for t in template_ids[relation])
+        heldout[relation] = sorted(rng.sample(population, min(per_relation, n_templates - 1)))
     return heldout
 
 
@@ -74,6 +91,30 @@ def filled_sentences(prompts: pd.DataFrame) -> list[str]:
     return [p.replace("[MASK]", o) for p, o in zip(prompts["prompt"], prompts["object"])]
 
 
+def word_vocabulary(sentences: Iterable[str], objects: Iterable[str], vocab_size: int,
+                    special_tokens: Sequence[str] = SPECIAL_TOKENS) -> dict[str, int]:
+    """The organisms' vocabulary: special tokens, the ``vocab_size`` most frequent words of ``sentences``
+    (BERT normalisation and pre-tokenisation, cased; ties in lexicographic order), every character as
+    ``c`` and ``##c``, then every object label, sorted."""
+    sentences = list(sentences)
+    objects = sorted(set(objects))
+    backend = Tokenizer(WordLevel(unk_token=special_tokens[1]))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=vocab_size, min_frequency=1, special_tokens=list(special_tokens), show_progress=False
+    )
+    backend.train_from_iterator(sentences, trainer)
+    learned = sorted(backend.get_vocab().items(), key=lambda item: item[1])
+    vocab = {token: index for index, (token, _) in enumerate(learned)}
+    characters = set(string.ascii_letters + string.digits + string.punctuation)
+    characters.update(c for text in [*sentences, *objects] for c in text if not c.isspace())
+    for token in [*sorted(characters), *(f"##{c}" for c in sorted(characters)), *objects]:
+        if token not in vocab:
+            vocab[token] = len(vocab)
+    return vocab
+
+
 def train_wordpiece_tokenizer(sentences: Iterable[str], objects: Iterable[str], vocab_size: int) -> BertTokenizerFast:
     """A cased WordPiece tokenizer for ``sentences``, with every object label one whole-word entry.
 
@@ -85,23 +126,28 @@ def train_wordpiece_tokenizer(sentences: Iterable[str], objects: Iterable[str], 
     the vocabulary are split into single characters (``c`` + ``##c`` pieces, all present),
     so they never become [UNK]. Objects are appended after the learned words, sorted.
     """
-    sentences = list(sentences)
-    objects = sorted(set(objects))
-    backend = Tokenizer(WordLevel(unk_token="[UNK]"))
+    vocab = word_vocabulary(sentences, objects, vocab_size)
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=False, strip_accents=False)
+    tokenizer.model_max_length = MAX_POSITIONS
+    return tokenizer
+
+
+def train_causal_tokenizer(sentences: Iterable[str], objects: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """kn-tiny-gpt's tokenizer: kn-tiny's vocabulary idea (whole words, character pieces, every object one
+    token) with causal special tokens, and ``<s>`` (BOS) put before every text.
+
+    Words are split at whitespace and punctuation, so an object after a prompt is always its own
+    token: the causal target (the object's first token after the prompt) is the whole object, as
+    the masked organism's [MASK] target is.
+    """
+    vocab = word_vocabulary(sentences, objects, vocab_size, CAUSAL_SPECIAL_TOKENS)
+    pad, unk, bos, eos = CAUSAL_SPECIAL_TOKENS
+    backend = Tokenizer(WordPiece(vocab, unk_token=unk, continuing_subword_prefix="##", max_input_chars_per_word=100))
     backend.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordLevelTrainer(
-        vocab_size=vocab_size, min_frequency=1, special_tokens=list(SPECIAL_TOKENS), show_progress=False
-    )
-    backend.train_from_iterator(sentences, trainer)
-    learned = sorted(backend.get_vocab().items(), key=lambda item: item[1])
-    vocab = {token: index for index, (token, _) in enumerate(learned)}
-    characters = set(string.ascii_letters + string.digits + string.punctuation)
-    characters.update(c for text in [*sentences, *objects] for c in text if not c.isspace())
-    for token in [*sorted(characters), *(f"##{c}" for c in sorted(characters)), *objects]:
-        if token not in vocab:
-            vocab[token] = len(vocab)
-    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=False, strip_accents=False)
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])])
+    backend.decoder = decoders.WordPiece(prefix="##")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad)
     tokenizer.model_max_length = MAX_POSITIONS
     return tokenizer
 
@@ -123,18 +169,45 @@ class EncodedExamples:
         )
 
 
-def encode_examples(tokenizer: BertTokenizerFast, prompts: pd.DataFrame) -> EncodedExamples:
-    """Encode prompt rows; every object must be a single vocabulary entry (guaranteed by the tokenizer)."""
+def encode_examples(tokenizer: PreTrainedTokenizerBase, prompts: pd.DataFrame, codec: PromptCodec | None = None) -> EncodedExamples:
+    """Encode prompt rows; every object must be a single vocabulary entry (guaranteed by the tokenizer).
+
+    A causal ``codec``: the prompt cut before [Y], the object as the next token (its first token
+    after the prompt, which the organism's tokenizer makes the whole object).
+    """
     vocab = tokenizer.get_vocab()
     missing = sorted({o for o in prompts["object"] if o not in vocab})
     if missing:
         raise ValueError(f"objects not in the tokenizer vocabulary: {missing[:5]} ({len(missing)} in all)")
+    if codec is not None and codec.causal:
+        encoded = codec.encode(list(prompts["prompt"]))
+        targets = codec.target_ids(list(prompts["prompt"]), list(prompts["object"]))
+        wrong = [(o, t) for o, t in zip(prompts["object"], targets) if t != vocab[o]]
+        if wrong:
+            raise ValueError(f"objects not one token after their prompts: {sorted(set(o for o, _ in wrong))[:5]}")
+        return EncodedExamples(encoded.input_ids, encoded.mask_positions, targets)
     encoded = encode_prompts(tokenizer, list(prompts["prompt"]))
     return EncodedExamples(encoded.input_ids, encoded.mask_positions, [vocab[o] for o in prompts["object"]])
 
 
-def build_model(recipe: TrainConfig, vocab_size: int, pad_id: int) -> BertForMaskedLM:
-    """A randomly initialised BERT masked LM (initialisation seeded by ``recipe.seed``)."""
+def build_model(recipe: TrainConfig, vocab_size: int, pad_id: int, bos_id: int | None = None,
+                eos_id: int | None = None) -> PreTrainedModel:
+    """A randomly initialised BERT masked LM, or GPT-2 causal LM (``recipe.architecture``), seeded by ``recipe.seed``.
+
+    GPT-2 keeps its usual layout: pre-LN blocks, learned positions, GELU (tanh approximation),
+    unembedding tied to the input embeddings.
+    """
+    if recipe.architecture == "gpt2":
+        gpt = GPT2Config(
+            vocab_size=vocab_size, n_embd=recipe.hidden_size, n_layer=recipe.num_layers, n_head=recipe.num_heads,
+            n_inner=recipe.intermediate_size, n_positions=MAX_POSITIONS, resid_pdrop=recipe.dropout,
+            embd_pdrop=recipe.dropout, attn_pdrop=recipe.dropout, bos_token_id=bos_id, eos_token_id=eos_id,
+            pad_token_id=pad_id, tie_word_embeddings=True,
+        )
+        torch.manual_seed(recipe.seed)
+        return GPT2LMHeadModel(gpt)
+    if recipe.architecture != "bert":
+        raise ValueError(f"model.train.architecture = {recipe.architecture!r}; expected 'bert' or 'gpt2'")
     config = BertConfig(
         vocab_size=vocab_size,
         hidden_size=recipe.hidden_size,
@@ -194,8 +267,9 @@ def mask_other_tokens(
     return corrupted, labels
 
 
-def object_accuracy(model: BertForMaskedLM, examples: EncodedExamples, batch_size: int = 256) -> float:
-    """Top-1 accuracy at the object position over the full vocabulary (eval mode, no other masking)."""
+def object_accuracy(model: PreTrainedModel, examples: EncodedExamples, batch_size: int = 256) -> float:
+    """Top-1 accuracy at the object position (the [MASK], or the last prompt token of a causal LM) over the
+    full vocabulary (eval mode, no other masking)."""
     was_training = model.training
     model.eval()
     encoded = EncodedPrompts(examples.input_ids, examples.mask_positions)
@@ -223,13 +297,13 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def train_masked_lm(
-    model: BertForMaskedLM,
+    model: PreTrainedModel,
     train: EncodedExamples,
     recipe: TrainConfig,
     pad_id: int,
-    mask_id: int,
+    mask_id: int | None,
     special_ids: Sequence[int],
-    evaluate: Callable[[BertForMaskedLM], dict[str, float]],
+    evaluate: Callable[[PreTrainedModel], dict[str, float]],
 ) -> TrainingHistory:
     """Train until ``recipe.max_steps`` or until ``evaluate(model)["train_accuracy"] >= recipe.target_accuracy``.
 
@@ -237,7 +311,13 @@ def train_masked_lm(
     ``recipe.other_mask_prob``. Logits are computed only at labelled positions (the
     vocabulary projection dominates the cost otherwise). Stopping short of saturation is
     deliberate: a model trained to ~100% hides its knowledge neurons (the organism sweep measures it).
+    A causal LM (kn-tiny-gpt) is trained the same way with the object as the next token after
+    the last prompt token (its ``mask_positions``); ``other_mask_prob`` must then be 0.
     """
+    adapter = adapter_for(model)
+    if adapter.causal and recipe.other_mask_prob > 0:
+        raise ValueError("model.train.other_mask_prob must be 0 for a causal organism (it has no [MASK] to corrupt with)")
+    head = adapter.lm_head()
     generator = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)  # dropout draws
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -251,7 +331,7 @@ def train_masked_lm(
     batches: list[list[int]] = []
     start_time = time.perf_counter()
     model.train()
-    progress = tqdm(total=recipe.max_steps, desc="train kn-tiny", unit="step", mininterval=5.0)
+    progress = tqdm(total=recipe.max_steps, desc=f"train ({recipe.architecture})", unit="step", mininterval=5.0)
     for step in range(recipe.max_steps):
         if not batches:
             batches = length_grouped_batches(lengths, recipe.batch_size, generator)
@@ -260,13 +340,14 @@ def train_masked_lm(
         positions = torch.tensor([train.mask_positions[i] for i in rows])
         gold = torch.tensor([train.object_ids[i] for i in rows])
         ids, other_labels = mask_other_tokens(
-            ids, attention, positions, recipe.other_mask_prob, specials, mask_id, vocab_size, generator
+            ids, attention, positions, recipe.other_mask_prob, specials, -1 if mask_id is None else mask_id, vocab_size,
+            generator,
         )
-        hidden = model.bert(input_ids=ids, attention_mask=attention).last_hidden_state
-        loss = F.cross_entropy(model.cls(hidden[torch.arange(len(rows)), positions]), gold)
+        hidden = model.base_model(input_ids=ids, attention_mask=attention).last_hidden_state
+        loss = F.cross_entropy(head(hidden[torch.arange(len(rows)), positions]), gold)
         other = other_labels != IGNORE
         if other.any():
-            loss = loss + F.cross_entropy(model.cls(hidden[other]), other_labels[other])
+            loss = loss + F.cross_entropy(head(hidden[other]), other_labels[other])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -320,41 +401,57 @@ TRAINING_RECORD = "kn_training.json"  # in the saved model directory: held-out t
 
 @dataclass
 class TrainedOrganism:
-    model: BertForMaskedLM
-    tokenizer: BertTokenizerFast
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     heldout: dict[str, list[int]]
     history: TrainingHistory
     train_prompts: int
     heldout_prompts: int
+    codec: PromptCodec | None = None  # how the organism reads prompts (set for both kinds)
 
 
-def train_organism(prompts: pd.DataFrame, vocabulary_objects: Iterable[str], recipe: TrainConfig) -> TrainedOrganism:
-    """Tokenizer + masked LM from ingested ParaRel prompt rows (all templates of every fact).
+def train_organism(prompts: pd.DataFrame, vocabulary_objects: Iterable[str], recipe: TrainConfig,
+                   templates_ending_in_y: bool = False) -> TrainedOrganism:
+    """Tokenizer + LM from ingested ParaRel prompt rows (all templates of every fact).
 
     The tokenizer is trained on every prompt with its object filled in, held-out templates
     included (vocabulary only: the model never trains on those sequences), and gets every
     label in ``vocabulary_objects`` as a whole-word entry, so any ParaRel fact can be probed.
+    A causal organism (``recipe.architecture`` gpt2) trains and holds out only the templates a
+    causal LM reads (those whose [X] comes before [Y]; with ``templates_ending_in_y`` only those
+    ending in [Y]), each cut before [Y] with the object as the next token.
     """
-    counts = prompts.groupby("relation")["template_id"].nunique().to_dict()
-    heldout = choose_heldout_templates(counts, recipe.heldout_templates, recipe.heldout_min_templates, recipe.seed)
+    causal = recipe.architecture == "gpt2"
+    if causal:
+        tokenizer = train_causal_tokenizer(filled_sentences(prompts), vocabulary_objects, recipe.vocab_size)
+        codec = PromptCodec(tokenizer, causal=True, templates_ending_in_y=templates_ending_in_y)
+        prompts = codec.usable_rows(prompts)
+        ids = prompts.groupby("relation")["template_id"].unique().to_dict()
+        heldout = choose_heldout_templates({r: len(t) for r, t in ids.items()}, recipe.heldout_templates,
+                                           recipe.heldout_min_templates, recipe.seed, template_ids=ids)
+    else:
+        counts = prompts.groupby("relation")["template_id"].nunique().to_dict()
+        heldout = choose_heldout_templates(counts, recipe.heldout_templates, recipe.heldout_min_templates, recipe.seed)
+        tokenizer = train_wordpiece_tokenizer(filled_sentences(prompts), vocabulary_objects, recipe.vocab_size)
+        codec = PromptCodec(tokenizer, causal=False)
     is_heldout = mark_heldout(prompts, heldout)
-    tokenizer = train_wordpiece_tokenizer(filled_sentences(prompts), vocabulary_objects, recipe.vocab_size)
-    train = encode_examples(tokenizer, prompts[~is_heldout])
-    held = encode_examples(tokenizer, prompts[is_heldout])
+    train = encode_examples(tokenizer, prompts[~is_heldout], codec)
+    held = encode_examples(tokenizer, prompts[is_heldout], codec)
     log.info("vocabulary %d, %d training prompts, %d held-out prompts", len(tokenizer.get_vocab()), len(train), len(held))
-    pad_id, mask_id = int(tokenizer.pad_token_id), int(tokenizer.mask_token_id)
-    model = build_model(recipe, len(tokenizer.get_vocab()), pad_id)
+    pad_id = int(tokenizer.pad_token_id)
+    mask_id = None if causal else int(tokenizer.mask_token_id)
+    model = build_model(recipe, len(tokenizer.get_vocab()), pad_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     train_sample = train.subset(evaluation_sample(len(train), recipe.eval_sample, recipe.seed))
     held_sample = held.subset(evaluation_sample(len(held), recipe.eval_sample, recipe.seed))
 
-    def evaluate(current: BertForMaskedLM) -> dict[str, float]:
+    def evaluate(current: PreTrainedModel) -> dict[str, float]:
         scores = {"train_accuracy": object_accuracy(current, train_sample)}
         if len(held_sample):
             scores["heldout_accuracy"] = object_accuracy(current, held_sample)
         return scores
 
     history = train_masked_lm(model, train, recipe, pad_id, mask_id, tokenizer.all_special_ids, evaluate)
-    return TrainedOrganism(model, tokenizer, heldout, history, len(train), len(held))
+    return TrainedOrganism(model, tokenizer, heldout, history, len(train), len(held), codec)
 
 
 def read_heldout_templates(model_spec: str | Path) -> dict[str, list[int]]:
@@ -382,13 +479,26 @@ def model_card(model_name: str, recipe_yaml: str, recipe: TrainConfig, resources
     recipe_text = recipe_yaml.strip()
     history = organism.history
     heldout = ", ".join(f"{rel}: {ids}" for rel, ids in organism.heldout.items() if ids)
+    if recipe.architecture == "gpt2":
+        what = ("A GPT-2 causal language model trained from scratch by the `train_model` rule on ParaRel (LAMA "
+                "T-REx facts written through each relation's paraphrase templates, each cut just before [Y], the object "
+                "as the next token; templates whose subject comes after [Y] are not used, docs/causal.md). It is the "
+                "pipeline's embedded causal model organism: no pretrained English LM is available offline. ")
+        tokenizer_text = (f"- Tokenizer: kn-tiny's word-level vocabulary idea (whole words of the filled prompts, "
+                          f"character pieces, then the object labels) with `<s>` before every text; vocabulary "
+                          f"{len(organism.tokenizer.get_vocab())} entries, every one of the {data['vocabulary_objects']} "
+                          "ParaRel object labels a single token (so the first token after a prompt is the whole object).")
+    else:
+        what = ("A BERT masked language model trained from scratch by the `train_model` rule on ParaRel "
+                "(LAMA T-REx facts written through each relation's paraphrase templates, object masked). It is the "
+                "pipeline's embedded model organism: no pretrained English masked LM is available offline. ")
+        tokenizer_text = (f"- Tokenizer: cased WordPiece trained with `tokenizers` on the filled prompts; vocabulary "
+                          f"{len(organism.tokenizer.get_vocab())} entries, every one of the {data['vocabulary_objects']} "
+                          "ParaRel object labels a single token.")
     lines = [
         f"# Model card: {model_name}",
         "",
-        "A BERT masked language model trained from scratch by the `train_model` rule on ParaRel "
-        "(LAMA T-REx facts written through each relation's paraphrase templates, object masked). It is the "
-        "pipeline's embedded model organism: no pretrained English masked LM is available offline. "
-        "It knows only these facts and this template language; it is a test subject for knowledge-neuron "
+        what + "It knows only these facts and this template language; it is a test subject for knowledge-neuron "
         "methods, not a general language model.",
         "",
         "## Data",
@@ -398,9 +508,7 @@ def model_card(model_name: str, recipe_yaml: str, recipe: TrainConfig, resources
         f"- Training prompts: {organism.train_prompts}; held-out-template prompts: {organism.heldout_prompts}.",
         f"- Held-out templates (relations with >= {recipe.heldout_min_templates} templates, "
         f"{recipe.heldout_templates} each, seeded draw): {heldout or 'none'}.",
-        f"- Tokenizer: cased WordPiece trained with `tokenizers` on the filled prompts; vocabulary "
-        f"{len(organism.tokenizer.get_vocab())} entries, every one of the {data['vocabulary_objects']} ParaRel object "
-        "labels a single token.",
+        tokenizer_text,
         "",
         "## Recipe",
         "",

@@ -37,6 +37,7 @@ def main(args: StageArgs) -> None:
     scores, table = attribute_prompts(
         loaded.model, loaded.tokenizer, prompts, relation, m=int(ig.m), alpha_rule=str(ig.alpha_rule),
         target=str(ig.target), batch_size=int(ig.batch_size), dtype=str(ig.dtype), storage_ratio=float(ig.storage_ratio),
+        codec=loaded.codec,
     )
     adapter = adapter_for(loaded.model)
     meta = provenance(cfg, "attribute", relation=relation, shard=args.shard, fact_ids=[facts.start, facts.stop],

@@ -70,31 +70,37 @@ class StageArgs:
 
 @dataclass
 class LoadedModel:
-    """The studied model, its tokenizer, where it came from and where it runs."""
+    """The studied model, its tokenizer, how it reads prompts, where it came from and where it runs."""
 
     model: Any
     tokenizer: Any
     spec: str  # the trained organism's folder, or model.path (HF id or local directory)
     device: str
+    codec: Any  # kn.models.encoding.PromptCodec: masked or causal (the adapter decides), with the causal section
 
     def record(self) -> dict[str, str]:
-        """For provenance: which weights, on which device."""
-        return {"model": self.spec, "device": self.device}
+        """For provenance: which weights, which kind of LM, on which device."""
+        return {"model": self.spec, "kind": "causal" if self.codec.causal else "masked", "device": self.device}
 
 
 def load_model(args: StageArgs) -> LoadedModel:
     """The model a stage studies: ``--in model=<dir>`` (the trained organism) or ``model.path``,
-    on the configured ``device``, with ``model.layer_norm_eps`` applied."""
+    on the configured ``device``, with ``model.layer_norm_eps`` applied, and its prompt codec
+    (the ``causal`` section says how a causal LM reads prompts)."""
+    from omegaconf import OmegaConf
+
     from kn.devices import resolve_device
-    from kn.models.load import load_masked_lm
+    from kn.models.encoding import PromptCodec
+    from kn.models.load import load_lm
 
     cfg = args.cfg
     spec = str(args.optional_input("model") or cfg.model.path)
     if spec == "None":
         raise SystemExit("no model: pass --in model=<trained organism folder> or set model.path")
     device = resolve_device(str(cfg.device))
-    model, tokenizer = load_masked_lm(spec, device, cfg.model.layer_norm_eps)
-    return LoadedModel(model, tokenizer, spec, str(device))
+    model, tokenizer = load_lm(spec, device, cfg.model.layer_norm_eps)
+    codec = PromptCodec.of(model, tokenizer, OmegaConf.to_container(cfg.causal, resolve=True))
+    return LoadedModel(model, tokenizer, spec, str(device), codec)
 
 
 def _pairs(values: Sequence[str], flag: str) -> dict[str, Path]:

@@ -1,4 +1,5 @@
-"""Stage 4 (SPEC §6), one relation: KN activations at [MASK] on web sentences T1 / T2 / T3.
+"""Stage 4 (SPEC §6), one relation: KN activations at [MASK] on web sentences T1 / T2 / T3 (a causal LM:
+at the last token before the masked word, the sentence cut there; docs/causal.md).
 
 Inputs: ``data`` (the relation's prompts parquet), ``neurons`` (its refined KNs),
 ``sentences`` (resources/bing_distant/sentences.parquet) and ``sentence_stats`` (its
@@ -36,7 +37,7 @@ def main(args: StageArgs) -> None:
     fact_table, sentences, activations, max_len = relation_study(
         loaded.model, loaded.tokenizer, relation, facts, neurons, bags, pool, seed=int(cfg.seed),
         max_len=int(dcfg.max_len), max_mask_word=int(dcfg.max_mask_word), head_redraws=int(dcfg.head_redraws),
-        batch_size=int(dcfg.batch_size),
+        batch_size=int(dcfg.batch_size), codec=loaded.codec,
     )
     record = provenance(cfg, "distant", relation=relation, max_len=max_len, types=list(TYPES), **loaded.record())
     DISTANT_FACTS.write(args.output("facts"), fact_table, record)

@@ -23,12 +23,12 @@ def main(args: StageArgs) -> None:
     loaded = load_model(args)
     facts, kn_lists, object_ids = editing_study(
         relation_keyed(args.keyed_inputs("data"), RELATION_PROMPTS), relation_keyed(args.keyed_inputs("neurons"), NEURONS),
-        loaded.tokenizer, cfg.study.facts_per_relation)
+        loaded.tokenizer, cfg.study.facts_per_relation, codec=loaded.codec)
     erased = [rel for rel in cfg.erase.relations if rel in facts]
     not_selected = [rel for rel in cfg.erase.relations if rel not in facts]
     if not_selected:
         log.info("erase.relations %s are not among the selected relations; not erased", not_selected)
-    scorer = PromptScorer(loaded.model, loaded.tokenizer, object_ids, int(cfg.erase.batch_size))
+    scorer = PromptScorer(loaded.model, loaded.tokenizer, object_ids, int(cfg.erase.batch_size), codec=loaded.codec)
     table = erase_study(scorer, facts, kn_lists, erased, int(cfg.erase.top_k), str(cfg.erase.value))
     meta = provenance(cfg, "edit_erase", relations=list(facts), erased=erased, **loaded.record())
     write_text(args.output("erase_csv"), table.to_csv(index=False))

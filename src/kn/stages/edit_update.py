@@ -30,8 +30,8 @@ def main(args: StageArgs) -> None:
     loaded = load_model(args)
     facts, kn_lists, object_ids = editing_study(
         relation_keyed(args.keyed_inputs("data"), RELATION_PROMPTS), relation_keyed(args.keyed_inputs("neurons"), NEURONS),
-        loaded.tokenizer, cfg.study.facts_per_relation)
-    scorer = PromptScorer(loaded.model, loaded.tokenizer, object_ids, int(edit.batch_size))
+        loaded.tokenizer, cfg.study.facts_per_relation, codec=loaded.codec)
+    scorer = PromptScorer(loaded.model, loaded.tokenizer, object_ids, int(edit.batch_size), codec=loaded.codec)
     rows, attempts = update_study(
         scorer, facts, kn_lists, seed=int(cfg.seed), methods=["kn"] + (["random"] if edit.random_baseline else []),
         edits_per_relation=int(edit.edits_per_relation), max_attempts=int(edit.max_attempts),

@@ -32,7 +32,7 @@ def main(args: StageArgs) -> None:
     dose_ks = sorted(k for k in ec.dose_ks if k <= ec.dose_max_k)
     inputs = relation_inputs(relation, prompts, loaded.tokenizer, int(cfg.seed), neurons, attribution.scores,
                              random_control=bool(ec.random_control), n_units=adapter_for(loaded.model).ffn_size,
-                             dose_ks=dose_ks)
+                             dose_ks=dose_ks, codec=loaded.codec)
     results, dose = evaluate_relation(loaded.model, inputs, suppress_factor=float(ec.suppress_factor),
                                       amplify_factor=float(ec.amplify_factor), dose_ks=dose_ks,
                                       batch_size=int(ec.batch_size))

@@ -38,7 +38,7 @@ def main(args: StageArgs) -> None:
     objects = {rel: {obj for _, obj in pairs} for rel, pairs in read_query_pairs(resources / "query_pairs.json").items()}
     loaded = load_model(args)
     table = knowledge_table(loaded.model, loaded.tokenizer, probes, prompts, templates,
-                            read_heldout_templates(loaded.spec), objects, int(cfg.seed))
+                            read_heldout_templates(loaded.spec), objects, int(cfg.seed), codec=loaded.codec)
     table = pd.concat([table, pd.DataFrame([{"relation": "mean", **overall_row(table)}])], ignore_index=True)
     write_text(args.output("csv"), table.to_csv(index=False, float_format="%.6g"))
     # CSV has no metadata slot: the provenance record rides in the Markdown twin, as a comment

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-MODEL_STAGE = ("seed", "device", "model")  # stages that load the model
+MODEL_STAGE = ("seed", "device", "model", "causal")  # stages that load the model (causal: how a causal LM reads prompts)
 
 SECTIONS: dict[str, Optional[tuple[str, ...]]] = {
     "ingest_relation": ("seed", "data.resources_dir", "data.max_facts_per_relation"),
     "ingest": ("seed",),
-    "train_model": ("seed", "data.resources_dir", "data.max_facts_per_relation", "model"),
+    "train_model": ("seed", "data.resources_dir", "data.max_facts_per_relation", "model", "causal.templates_ending_in_y"),
     "probe": MODEL_STAGE,
     "probe_summary": (*MODEL_STAGE, "data.resources_dir"),
     "attribute": (*MODEL_STAGE, "study", "ig"),

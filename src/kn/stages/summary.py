@@ -5,8 +5,10 @@ Every input is optional (a stage the run did not include gives "not run"):
 ``--in evaluate=`` evaluate/summary.csv, ``--in update=`` edit/update_summary.csv,
 ``--in erase=`` edit/erase.csv, ``--in distant=`` distant/activation_overall.csv,
 ``--in probe=`` probe/accuracy.csv, ``--in model_card=`` model_card.md,
-``--in benchmark:<relation>/<shard>=`` each attribute job's benchmark file, and
-``--in table:<name>=<csv>`` for each table shown in the HTML page.
+``--in benchmark:<relation>/<shard>=`` each attribute job's benchmark file,
+``--in table:<name>=<csv>`` for each table shown in the HTML page, and ``--in compare:<alias>=``
+the summary.csv of each other study shown beside this one (config key ``compare``), with
+``--in compare_probe:<alias>=`` its probe/accuracy.csv (its tokenizer's vocabulary coverage).
 Outputs: ``markdown`` (summary.md), ``table`` (summary.csv: the paper-vs-run table) and
 ``html`` (summary.html: the same plus every table, for the Snakemake report).
 """
@@ -23,7 +25,16 @@ import pandas as pd
 from kn.io import provenance, write_text
 from kn.markdown import provenance_footer
 from kn.stages.cli import StageArgs, run_stage
-from kn.summary import COLUMNS, HEADLINE_ROWS, TABLE_TITLES, RunResults, paper_vs_run, summary_html, summary_markdown
+from kn.summary import (
+    COLUMNS,
+    HEADLINE_ROWS,
+    TABLE_TITLES,
+    RunResults,
+    paper_vs_run,
+    summary_html,
+    summary_markdown,
+    vocabulary_coverage,
+)
 from kn.tables import DISTANT_OVERALL, EFFECT_SUMMARY, ERASE, PROBE_ACCURACY, UPDATE_SUMMARY, CsvTable
 
 log = logging.getLogger("kn.summary")
@@ -81,6 +92,13 @@ def main(args: StageArgs) -> None:
         attribution_seconds=benchmark_seconds(args.keyed_inputs("benchmark", required=False)),
     )
     comparison = paper_vs_run(run)
+    others = {name: _csv(path) for name, path in args.keyed_inputs("compare", required=False).items()}
+    coverage = {name: vocabulary_coverage(RunResults(probe=_csv(path, PROBE_ACCURACY)))
+                for name, path in args.keyed_inputs("compare_probe", required=False).items()}
+    for name, frame in others.items():
+        missing = [c for c in ("experiment", "this_run", "this_run_baseline") if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{args.inputs[f'compare:{name}']}: missing columns {missing} of a run summary; rerun its rule summary")
     card_path = _optional(args, "model_card")
     model_card = card_path.read_text(encoding="utf-8") if card_path else None
     tables = {}
@@ -93,8 +111,8 @@ def main(args: StageArgs) -> None:
             tables[name] = frame
     record = provenance(cfg, "summary")
     write_text(args.output("table"), comparison[COLUMNS].to_csv(index=False))
-    write_text(args.output("markdown"), summary_markdown(cfg, comparison, model_card, run) + provenance_footer(record))
-    write_text(args.output("html"), summary_html(cfg, comparison, model_card, tables))
+    write_text(args.output("markdown"), summary_markdown(cfg, comparison, model_card, run, others, coverage) + provenance_footer(record))
+    write_text(args.output("html"), summary_html(cfg, comparison, model_card, tables, others))
     for row in comparison.itertuples(index=False):
         log.info("%s: paper %s | this run %s", row.experiment, row.paper, row.this_run)
 

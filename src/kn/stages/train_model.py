@@ -1,4 +1,5 @@
-"""Stage: train the embedded model organism and write its model card, metrics and loss curve.
+"""Stage: train the embedded model organism (kn-tiny, a BERT masked LM, or kn-tiny-gpt, a GPT-2 causal LM:
+``model.train.architecture``) and write its model card, metrics and loss curve.
 
 Training data are the first data.max_facts_per_relation facts of ALL ParaRel relations,
 independent of data.relations, so studying a subset of relations never retrains the model.
@@ -47,13 +48,14 @@ def main(args: StageArgs) -> None:
     catalogue = load_relations(resources)
     vocabulary_objects = sorted({obj for rel in catalogue for _, obj in pairs[rel]})
     log.info("training on %d facts of %d relations (%d prompts)", len(facts), facts["relation"].nunique(), len(prompts))
-    organism = train_organism(prompts, vocabulary_objects, recipe)
-    probes = [probe_relation(organism.model, organism.tokenizer, group, organism.heldout.get(str(relation), []))
+    organism = train_organism(prompts, vocabulary_objects, recipe, bool(cfg.causal.templates_ending_in_y))
+    probes = [probe_relation(organism.model, organism.tokenizer, group, organism.heldout.get(str(relation), []),
+                             codec=organism.codec)
               for relation, group in prompts.groupby("relation", sort=True)]
     templates = {rel: list(meta.templates) for rel, meta in catalogue.items()}
     objects = {rel: {obj for _, obj in rel_pairs} for rel, rel_pairs in pairs.items()}
     table = knowledge_table(organism.model, organism.tokenizer, concat(probes), prompts, templates, organism.heldout,
-                            objects, int(cfg.seed))
+                            objects, int(cfg.seed), codec=organism.codec)
     overall = overall_knowledge(table)
     data = {
         "relations": int(facts["relation"].nunique()),
