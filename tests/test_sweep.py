@@ -89,6 +89,11 @@ def test_collect_variant_reads_the_run_files(tmp_path):
     assert record["ig_layer_share"] == [0.25, 0.75]
     assert record["job_seconds"] == pytest.approx(12.5)
     assert (record["n_layers"], record["ffn_size"]) == (2, 8)
+    assert "ffn_mask_all" not in record  # no ceiling given
+    ceiling = {"ffn_mask_all": -0.6, "ffn_subject_all": -0.1, "attn_mask_all": -0.9, "ffn_mask_layer_0": -0.05,
+               "ffn_mask_layer_1": -0.4}
+    with_ceiling = collect_variant(metrics, kn_stats, summary, gold_probs, records, seconds, ceiling)
+    assert with_ceiling["ffn_mask_all"] == -0.6 and with_ceiling["ffn_mask_layers"] == [-0.05, -0.4]
 
 
 def test_collect_variant_without_benchmarks_names_the_folder(tmp_path):

@@ -222,9 +222,11 @@ def sweep_effects_figure(table: pd.DataFrame, axes_spec: dict[str, list[tuple[st
     return fig
 
 
-def sweep_confidence_figure(table: pd.DataFrame) -> Figure:
-    """IG suppress/amplify ratios (95% CI) against each variant's mean gold probability,
-    whatever factor set it; hollow markers: variants that did not learn their facts."""
+def sweep_scatter_figure(table: pd.DataFrame, x: str, xlabel: str, ceiling: bool = False) -> Figure:
+    """IG suppress/amplify ratios (95% CI) against a per-variant column ``x`` (the mean gold probability, the
+    [MASK]-FFN ceiling), whatever factor set it; hollow markers: variants that did not learn their facts.
+    ``ceiling``: x is a suppression ceiling; the line y = x marks suppressions that reach it."""
+    table = table[table[x].notna()]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for metric, marker, colour in (("suppress_own", "v", "tab:blue"), ("amplify_own", "^", "tab:red")):
         col = f"{metric}_ig"
@@ -232,17 +234,50 @@ def sweep_confidence_figure(table: pd.DataFrame) -> Figure:
             rows = table[table["learned_facts"].astype(bool) == learned]
             if rows.empty:
                 continue
-            ax.errorbar(rows["mean_gold_prob"], rows[col], yerr=[rows[col] - rows[f"{col}_ci_low"],
+            ax.errorbar(rows[x], rows[col], yerr=[rows[col] - rows[f"{col}_ci_low"],
                         rows[f"{col}_ci_high"] - rows[col]], marker=marker, linestyle="none", capsize=3,
                         color=colour, markerfacecolor=colour if learned else "white",
                         label=f"{metric.split('_')[0]} IG" + ("" if learned else " (not learned)"))
         for _, row in table.iterrows():
-            ax.annotate(row["variant"], (row["mean_gold_prob"], row[col]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(row["variant"], (row[x], row[col]), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_xlabel("mean gold probability of the studied prompts")
+    if ceiling:
+        low = min(-1.0, float(table[x].min())) if len(table) else -1.0
+        ax.plot([low, 0], [low, 0], color="0.5", linestyle=":", linewidth=0.8, label="suppression = ceiling")
+        ax.xaxis.set_major_formatter(mticker.PercentFormatter(1.0))
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("correct-probability change ratio")
     ax.yaxis.set_major_formatter(mticker.PercentFormatter(1.0))
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def localisation_figure(ceiling_all: dict[str, float], n_layers: int, title: str) -> Figure:
+    """Relative change of the gold probability when one layer's FFN / attention output is zeroed at the
+    target position (lines, layers printed 1..L), with the all-layer ablations as bars on the right."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
+    layers = np.arange(1, n_layers + 1)
+    for component, label, marker in (("ffn", "FFN neurons at [MASK]", "o"), ("attn", "attention output at [MASK]", "s")):
+        values = [ceiling_all.get(f"{component}_mask_layer_{k}", np.nan) for k in range(n_layers)]
+        left.plot(layers, values, marker=marker, label=label)
+    left.axhline(0, color="0.6", linewidth=0.8)
+    left.set_xticks(layers)
+    left.set_xlabel("layer")
+    left.set_ylabel("relative change of P(gold)")
+    left.yaxis.set_major_formatter(PercentFormatter(1.0))
+    left.legend(fontsize=8)
+    left.set_title("one layer zeroed")
+    bars = [(name, ceiling_all[name]) for name in ("ffn_mask_all", "ffn_subject_all", "ffn_all_positions",
+                                                   "attn_mask_all", "attn_subject_all", "attn_all_positions")
+            if name in ceiling_all]
+    right.barh([name for name, _ in bars][::-1], [value for _, value in bars][::-1],
+               color=["C0" if name.startswith("ffn") else "C1" for name, _ in bars][::-1])
+    right.axvline(0, color="0.6", linewidth=0.8)
+    right.set_xlim(-1.05, max(0.05, max((v for _, v in bars), default=0) + 0.05))
+    right.xaxis.set_major_formatter(PercentFormatter(1.0))
+    right.set_title("all layers zeroed")
+    right.tick_params(axis="y", labelsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig

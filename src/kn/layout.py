@@ -78,6 +78,9 @@ class Layout:
     def evaluation(self, relation: str) -> str:
         return self.path(f"evaluate/{relation}.parquet")
 
+    def localisation(self, relation: str) -> str:
+        return self.path(f"localise/{relation}.parquet")
+
     def dose(self, relation: str) -> str:
         return self.path(f"evaluate/{relation}.dose.parquet")
 

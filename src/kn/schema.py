@@ -113,6 +113,12 @@ class EvaluateConfig:
 
 
 @dataclass
+class LocaliseConfig:
+    bootstrap: int
+    batch_size: int
+
+
+@dataclass
 class EditConfig:
     edits_per_relation: int
     max_attempts: int
@@ -171,6 +177,7 @@ class KNConfig:
     refine: RefineConfig
     analysis: AnalysisConfig
     evaluate: EvaluateConfig
+    localise: LocaliseConfig
     edit: EditConfig
     erase: EraseConfig
     distant: DistantConfig

@@ -33,6 +33,7 @@ class RunResults:
     erase: pd.DataFrame | None = None  # <model>/edit/erase.csv
     distant: pd.DataFrame | None = None  # <model>/distant/activation_overall.csv
     probe: pd.DataFrame | None = None  # <model>/probe/accuracy.csv
+    ceiling: pd.DataFrame | None = None  # <model>/localise/ceiling.csv
     attribution_seconds: list[float] = field(default_factory=list)  # wall time of every attribute job
 
 
@@ -109,9 +110,37 @@ def _intervention(metric: str) -> Callable[[RunResults, PaperNumber], tuple[str,
         for method in ("ig", "base"):
             row = _one(run.evaluate, relation="mean", metric=metric, variant="all", method=method)
             cells.append("n/a" if row is None else f"{_pct(row['ratio'])} [{_pct(row['ci_low'])}, {_pct(row['ci_high'])}]")
+        ceiling = _ceiling(run)
+        if metric.startswith("suppress") and ceiling is not None:
+            cells[0] += f" of a {_pct(ceiling['ffn_mask_all'], 1)} ceiling"
+            source += "; ceiling: localise/ceiling.csv (ffn_mask_all, relation ALL)"
         return cells[0], cells[1], source
 
     return extract
+
+
+def _ceiling(run: RunResults) -> pd.Series | None:
+    """The ALL row of the localisation ceilings, if the diagnostic ran."""
+    return None if run.ceiling is None else _one(run.ceiling, relation="ALL")
+
+
+def localisation_text(run: RunResults) -> str:
+    """Where the model keeps the studied facts (kn.localise), in words: the ceilings every number above lives under."""
+    row = _ceiling(run)
+    if row is None:
+        return "Not measured (the localise stage did not run)."
+    layers = sorted(int(c.rsplit("_", 1)[1]) for c in row.index if c.startswith("ffn_mask_layer_")
+                    and not c.endswith(("_ci_low", "_ci_high")))
+    per_layer = ", ".join(f"{k + 1}: {_pct(row[f'ffn_mask_layer_{k}'], 1)}" for k in layers)
+    return (
+        f"Relative change of the gold probability (mean over relations; p0 = {_num(row['p0'])}) when outputs are "
+        f"zeroed in every layer: FFN neurons at the target position (the ceiling of any knowledge-neuron "
+        f"suppression there) {_pct(row['ffn_mask_all'], 1)} [{_pct(row['ffn_mask_all_ci_low'], 1)}, "
+        f"{_pct(row['ffn_mask_all_ci_high'], 1)}]; FFN at the subject's tokens {_pct(row['ffn_subject_all'], 1)}; "
+        f"FFN at every position {_pct(row['ffn_all_positions'], 1)}; attention output at the target position "
+        f"{_pct(row['attn_mask_all'], 1)}. One layer's FFN at the target position, by layer (1-based): {per_layer}. "
+        "Per relation: localise/ceiling.csv; figure: localise/ceiling.png."
+    )
 
 
 def _distant(run: RunResults, _p: PaperNumber) -> tuple[str, str, str]:
@@ -200,12 +229,13 @@ TABLE_TITLES = {  # the study tables the HTML page shows, in order; rows filtere
     "probe": "Probe accuracy (per relation)",
     "kn_stats": "Knowledge-neuron statistics (SPEC §4)",
     "evaluate": "Suppressing and amplifying (SPEC §5), mean over relations",
+    "ceiling": "Where the facts live: sublayer outputs zeroed (localise), mean over relations",
     "distant_overall": "Activating prompts (SPEC §6), overall",
     "distant_usability": "Activating prompts: usable sentences for this model",
     "update": "Updating facts (SPEC §7), over all relations",
     "erase": "Erasing relations (SPEC §8)",
 }
-HEADLINE_ROWS = {"evaluate": ("relation", "mean"), "update": ("scope", "all"), "distant_usability": ("relation", "all")}
+HEADLINE_ROWS = {"evaluate": ("relation", "mean"), "ceiling": ("relation", "ALL"), "update": ("scope", "all"), "distant_usability": ("relation", "all")}
 
 
 def _demote_headings(text: str) -> str:
@@ -283,6 +313,10 @@ def summary_markdown(cfg: Any, comparison: pd.DataFrame, model_card: str | None,
             "",
             markdown_table(comparison, TITLES),
             *_beside(cfg, comparison, others, coverage),
+            "## Where the facts live",
+            "",
+            localisation_text(run),
+            "",
             "## Vocabulary coverage",
             "",
             vocabulary_coverage(run),

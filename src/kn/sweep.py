@@ -46,13 +46,14 @@ def collect_variant(
     gold_probs: pd.Series,
     refine_records: Mapping[str, Mapping[str, Any]],
     job_seconds: float,
+    ceiling: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """One tidy record of a finished variant run, from its files' contents.
 
     ``metrics`` is the training metrics JSON, ``kn_stats`` the analysis JSON, ``effects`` the
     suppress/amplify summary table, ``gold_probs`` the gold probability of every studied prompt,
     ``refine_records`` the refine JSON per relation and ``job_seconds`` the summed wall time of
-    the variant's jobs.
+    the variant's jobs; ``ceiling`` the ALL row of its localisation ceilings (kn.localise), when measured.
     """
     n_layers, ffn_size = layers_and_units(list(refine_records.values()))
     record: dict[str, Any] = {
@@ -77,6 +78,10 @@ def collect_variant(
         record[f"{method}_top_layer_share"] = shares[-1]
         record[f"{method}_mean_layer"] = sum((i + 1) * s for i, s in enumerate(shares))
     record["job_seconds"] = job_seconds
+    if ceiling is not None:
+        for name in ("ffn_mask_all", "ffn_subject_all", "attn_mask_all"):
+            record[name] = ceiling[name]
+        record["ffn_mask_layers"] = [ceiling[f"ffn_mask_layer_{k}"] for k in range(n_layers)]
     mean_rows = effects[(effects["relation"] == "mean") & (effects["variant"] == "all")]
     for metric in HEADLINE_METRICS:
         for method in METHODS:
@@ -304,7 +309,8 @@ def _axis_order(point: tuple[str, str]) -> tuple[int, float]:
 
 
 SWEEP_COLUMNS = [
-    "variant", "factor", "value", "overrides", "train_accuracy", "heldout_accuracy", "mean_gold_prob", "train_steps",
+    "variant", "factor", "value", "overrides", "train_accuracy", "heldout_accuracy", "mean_gold_prob", "ffn_mask_all",
+    "ffn_subject_all", "attn_mask_all", "train_steps",
     "train_seconds", "job_seconds", "ig_avg_kn", "base_avg_kn", "ig_facts_without_kn", "ig_p_mean",
     "ig_relations_off_target", "ig_mean_layer", "ig_top_layer_share",
     "suppress_own_ig", "suppress_own_ig_ci_low", "suppress_own_ig_ci_high", "suppress_own_base",
@@ -313,9 +319,9 @@ SWEEP_COLUMNS = [
 ]
 
 
-def layer_table(records: list[dict]) -> pd.DataFrame:
-    """Share of IG knowledge neurons per layer (L1 = bottom), one row per variant."""
-    rows = {r["variant"]: r.get("ig_layer_share", []) for r in records}
+def layer_table(records: list[dict], key: str = "ig_layer_share") -> pd.DataFrame:
+    """A per-layer list of each record (default: the share of IG knowledge neurons), L1 = bottom, one row per variant."""
+    rows = {r["variant"]: r.get(key, []) for r in records}
     width = max((len(v) for v in rows.values()), default=0)
     return pd.DataFrame.from_dict(
         {k: list(v) + [float("nan")] * (width - len(v)) for k, v in rows.items()},
@@ -341,6 +347,9 @@ def sweep_table(records: list[dict], variants: Mapping[str, Mapping[str, Any]]) 
     layers = layer_table(records)
     table = table[[c for c in SWEEP_COLUMNS if c in table.columns]].merge(
         layers.add_prefix("ig_layer_share_"), left_on="variant", right_index=True, how="left")
+    ceilings = layer_table(records, "ffn_mask_layers")
+    if not ceilings.empty and ceilings.shape[1]:
+        table = table.merge(ceilings.add_prefix("ffn_mask_"), left_on="variant", right_index=True, how="left")
     return table, layers
 
 
@@ -352,12 +361,14 @@ def sweep_markdown(table: pd.DataFrame, layers: pd.DataFrame, records: list[dict
           "Ratios are the unweighted mean over relations of the ratio of averages (SPEC §5); IG 95% CIs are "
           "bootstrap over facts. `effect_holds`: suppression CI below 0 and amplification CI above 0. "
           "`learned_facts`: training-template accuracy above the majority-object baseline. "
-          "`job_seconds`: summed wall time of the variant's jobs (training included).", ""]
+          "`job_seconds`: summed wall time of the variant's jobs (training included). `ffn_mask_all`: the [MASK]-FFN "
+          "ceiling (localise: every FFN neuron at the target position zeroed; per layer in sweep.csv, ffn_mask_L<k>); "
+          "`ffn_subject_all`, `attn_mask_all`: the same at the subject's tokens / for attention outputs.", ""]
     not_learned = [r["variant"] for r in records if not r["learned_facts"]]
     if not_learned:
         md += [f"**Did not learn its facts** (accuracy at or below always answering the most common object, so "
                f"its neurons are not knowledge neurons): {', '.join(f'`{n}`' for n in not_learned)}.", ""]
-    md.append(table.drop(columns=[c for c in table.columns if c.startswith("ig_layer_share_")])
+    md.append(table.drop(columns=[c for c in table.columns if c.startswith(("ig_layer_share_", "ffn_mask_L"))])
               .to_markdown(index=False, floatfmt=".4g"))
     md += ["", "## Layer distribution of IG knowledge neurons (share per layer, L1 = bottom)", "",
            layers.to_markdown(floatfmt=".3f")]

@@ -135,6 +135,13 @@ EFFECT_SUMMARY = CsvTable("suppress/amplify summary", "evaluate_summary",
 DOSE_SUMMARY = CsvTable("dose-response summary", "evaluate_summary",
                         ("relation", "method", "k", "ratio", "ci_low", "ci_high", "n_neurons"))
 
+# ---------------------------------------------------------------------------------------------- localisation
+LOCALISATION = Table("localisation", "localise", _schema(
+    ("relation", _S), ("fact_id", _I32), ("template_id", _I32), ("n_subject_tokens", _I32), ("ablation", _S),
+    ("p0", _F64), ("p_ablated", _F64)))
+CEILING = CsvTable("localisation ceiling", "localise_summary", (
+    "relation", "n_facts", "n_prompts", "p0", "ffn_mask_all", "ffn_subject_all", "ffn_all_positions", "attn_mask_all"))
+
 # ---------------------------------------------------------------------------------------------- editing
 UPDATES = Table("fact updates", "edit_update", _schema(
     ("method", _S), ("relation", _S), ("attempt", _I32), ("fact_id", _I32), ("template_id", _I32), ("subject", _S),

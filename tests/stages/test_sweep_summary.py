@@ -17,7 +17,9 @@ from kn.sweep import chance_jaccard, layer_matched_chance_jaccard
 def _record(name: str, suppress: float, ci_high: float, train_accuracy: float = 0.9, gold: float = 0.5) -> dict:
     record = {"variant": name, "factor": "stale", "value": "stale", "train_accuracy": train_accuracy,
               "majority_baseline": 0.25, "mean_gold_prob": gold, "ig_avg_kn": 3.0,
-              "base_avg_kn": 4.0, "ig_layer_share": [0.25, 0.75], "n_layers": 2, "ffn_size": 4}
+              "base_avg_kn": 4.0, "ig_layer_share": [0.25, 0.75], "n_layers": 2, "ffn_size": 4,
+              "ffn_mask_all": 2 * suppress, "ffn_subject_all": -0.01, "attn_mask_all": -0.9,
+              "ffn_mask_layers": [suppress / 2, 3 * suppress / 2]}
     for method in ("ig", "base", "random"):
         for metric, sign in (("suppress_own", -1), ("amplify_own", 1)):
             record[f"{metric}_{method}"] = sign * abs(suppress) if method == "ig" else 0.0
@@ -40,6 +42,7 @@ def test_sweep_summary_table_figure_and_seed_stability(tmp_path):
         *inputs, f"--out=csv={out}/sweep.csv", f"--out=markdown={out}/sweep.md", f"--out=json={out}/sweep.json",
         f"--out=figure_png={out}/effects.png", f"--out=figure_pdf={out}/effects.pdf",
         f"--out=confidence_png={out}/confidence.png", f"--out=confidence_pdf={out}/confidence.pdf",
+        f"--out=ceiling_png={out}/ceiling.png", f"--out=ceiling_pdf={out}/ceiling.pdf",
         "experiment=organism-sweep", "sweep.only=[baseline,ffn512,seed1]",
     ])  # fmt: skip
 
@@ -50,6 +53,8 @@ def test_sweep_summary_table_figure_and_seed_stability(tmp_path):
     assert table["overrides"].fillna("").tolist() == ["", "model.train.intermediate_size=512", "model.train.seed=1"]
     assert table["learned_facts"].tolist() == [True, False, True]  # ffn512 is below its majority baseline
     assert table["ig_layer_share_L2"].tolist() == [0.75] * 3
+    assert table["ffn_mask_all"].tolist() == pytest.approx([-0.06, -0.04, -0.08])  # the ceilings, per variant
+    assert table["ffn_mask_L2"].tolist() == pytest.approx([-0.045, -0.03, -0.06])
     stability = json.loads((out / "sweep.json").read_text())["seed_stability"]["seed1"]
     assert stability["facts"] == 2 and stability["mean_jaccard"] == pytest.approx((1 / 2 + 0) / 2)
     assert stability["chance_jaccard"] == pytest.approx((chance_jaccard(2, 1, 8) + chance_jaccard(1, 1, 8)) / 2)
@@ -62,3 +67,4 @@ def test_sweep_summary_table_figure_and_seed_stability(tmp_path):
     assert "**Did not learn its facts**" in md and "`ffn512`." in md
     assert (out / "effects.png").stat().st_size > 10_000 and (out / "effects.pdf").exists()
     assert (out / "confidence.png").stat().st_size > 10_000 and (out / "confidence.pdf").exists()
+    assert (out / "ceiling.png").stat().st_size > 10_000 and (out / "ceiling.pdf").exists()

@@ -162,13 +162,15 @@ def variant_files(variant):
     main_outputs = [
         vl.path("training/train_model"), vl.path("analysis/kn_stats"), vl.path("evaluate/summary"),
         *(vl.relation_prompts(rel) for rel in relations), *(vl.neurons(rel) for rel in relations),
-        *(vl.evaluation(rel) for rel in relations),
+        *(vl.evaluation(rel) for rel in relations), *(vl.localisation(rel) for rel in relations),
+        vl.path("localise/ceiling"),
         *(vl.scores(rel, shard) for rel in relations for shard in shard_ids[rel]),
     ]
     return {
         "metrics": {"": vl.path("training/metrics.json")},
         "kn_stats": {"": vl.path("analysis/kn_stats.json")},
         "effects": {"": vl.path("evaluate/summary.csv")},
+        "ceiling": {"": vl.path("localise/ceiling.csv")},
         "prompts": {f"{rel}/{shard}": vl.shard_prompts(rel, shard) for rel in relations for shard in shard_ids[rel]},
         "record": {rel: vl.refine_record(rel) for rel in relations},
         "neurons": {rel: vl.neurons(rel) for rel in relations},
@@ -182,3 +184,14 @@ def variant_args(variant):
     for kind, paths in variant_files(variant).items():
         flags += [f"--in {kind}={shlex.quote(p)}" if key == "" else f"--in {kind}:{key}={shlex.quote(p)}" for key, p in paths.items()]
     return " ".join(flags)
+
+
+COMPANION_DROPS = ("experiment=", "model=", "model.name=", "model.path=", "model.source=", "model.layer_norm_eps=",
+                   "compare=", "results_dir=")
+
+
+def companion_overrides(name):
+    """model=<name>, then this run's overrides except those choosing the experiment, the model or the comparison
+    (so data, study and method settings, and a trained organism's recipe overrides, agree)."""
+    own = [o for o in OVERRIDES if not o.lstrip("+~").startswith(COMPANION_DROPS)]
+    return [f"model={name}", *own, f"results_dir={RESULTS}", "compare=[]"]

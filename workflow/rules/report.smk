@@ -15,6 +15,7 @@ SUMMARY_INPUTS = {
         "model_card": ("train_model", L.path("model_card.md")),
         "kn_stats": ("kn_analysis", L.path("analysis/kn_stats.json")),
         "evaluate": ("evaluate_summary", L.path("evaluate/summary.csv")),
+        "ceiling": ("localise_summary", L.path("localise/ceiling.csv")),
         "update": ("edit_update", L.path("edit/update_summary.csv")),
         "erase": ("edit_erase", L.path("edit/erase.csv")),
         "distant": ("distant_summary", L.path("distant/activation_overall.csv")),
@@ -24,6 +25,7 @@ SUMMARY_INPUTS = {
         "table:evaluate": ("evaluate_summary", L.path("evaluate/summary.csv")),
         "table:distant_overall": ("distant_summary", L.path("distant/activation_overall.csv")),
         "table:distant_usability": ("distant_summary", L.path("distant/usability.csv")),
+        "table:ceiling": ("localise_summary", L.path("localise/ceiling.csv")),
         "table:update": ("edit_update", L.path("edit/update_summary.csv")),
         "table:erase": ("edit_erase", L.path("edit/erase.csv")),
     }.items()
@@ -35,17 +37,6 @@ ATTRIBUTION_BENCHMARKS = {f"{rel}/{shard}": L.benchmark(L.scores(rel, shard)) fo
 # Other models' studies shown beside this one (config key compare: [model config names]), e.g. experiment=causal
 # shows kn-tiny's masked study beside kn-tiny-gpt's. Each is this workflow run with model=<name> and this run's
 # other overrides into the same results folder; the rule runs it only when its summary.csv is missing.
-COMPANION_DROPS = ("experiment=", "model=", "model.name=", "model.path=", "model.source=", "model.layer_norm_eps=",
-                   "compare=", "results_dir=")
-
-
-def companion_overrides(name):
-    """model=<name>, then this run's overrides except those choosing the experiment, the model or the comparison
-    (so data, study and method settings, and a trained organism's recipe overrides, agree)."""
-    own = [o for o in OVERRIDES if not o.lstrip("+~").startswith(COMPANION_DROPS)]
-    return [f"model={name}", *own, f"results_dir={RESULTS}", "compare=[]"]
-
-
 COMPANIONS = {}
 for _name in CFG.compare:
     _companion = compose_config(companion_overrides(str(_name)))

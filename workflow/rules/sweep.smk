@@ -16,7 +16,7 @@ if SWEEP_VARIANTS:
             config=lambda wc: variant_config_arg(wc.variant),
             snakefile=workflow.main_snakefile,
             targets=lambda wc: " ".join(
-                shlex.quote(p) for key in ("metrics", "kn_stats", "effects", "record", "neurons")
+                shlex.quote(p) for key in ("metrics", "kn_stats", "effects", "ceiling", "record", "neurons")
                 for p in variant_files(wc.variant)[key].values()
             ),
             inputs=lambda wc: variant_args(wc.variant),
@@ -46,6 +46,8 @@ if SWEEP_VARIANTS:
             pdf=f"{RESULTS}/sweep/effects.pdf",
             confidence_png=report(f"{RESULTS}/sweep/confidence.png", caption="../report/sweep_confidence.rst", category=SWEEP),
             confidence_pdf=f"{RESULTS}/sweep/confidence.pdf",
+            ceiling_png=report(f"{RESULTS}/sweep/ceiling.png", caption="../report/sweep_ceiling.rst", category=SWEEP),
+            ceiling_pdf=f"{RESULTS}/sweep/ceiling.pdf",
         params:
             records=lambda wc, input: " ".join(f"--in record:{Path(p).stem}={shlex.quote(p)}" for p in input.records),
             overrides=user_overrides(),
@@ -62,7 +64,8 @@ if SWEEP_VARIANTS:
             "python -m kn.stages.sweep_summary {params.records} --out csv={output.csv} "
             "--out markdown={output.md} --out json={output.json} --out figure_png={output.png} "
             "--out figure_pdf={output.pdf} --out confidence_png={output.confidence_png} "
-            "--out confidence_pdf={output.confidence_pdf} {params.overrides} > {log} 2>&1"
+            "--out confidence_pdf={output.confidence_pdf} --out ceiling_png={output.ceiling_png} "
+            "--out ceiling_pdf={output.ceiling_pdf} {params.overrides} > {log} 2>&1"
 
     TARGETS.clear()  # the sweep experiment's product is the sweep table, not one model's study
     TARGETS.extend(rules.sweep_summary.output)

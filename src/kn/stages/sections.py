@@ -27,6 +27,8 @@ SECTIONS: dict[str, Optional[tuple[str, ...]]] = {
     "kn_analysis": ("seed", "analysis"),
     "evaluate": (*MODEL_STAGE, "study", "evaluate"),
     "evaluate_summary": ("seed", "evaluate.bootstrap"),
+    "localise": (*MODEL_STAGE, "study", "localise.batch_size"),
+    "localise_summary": ("seed", "model.name", "localise.bootstrap"),
     "edit_update": (*MODEL_STAGE, "study", "edit", "refine.relation_share"),
     "edit_erase": (*MODEL_STAGE, "study", "erase"),
     "distant": (*MODEL_STAGE, "study", "distant.max_len", "distant.max_mask_word", "distant.head_redraws",

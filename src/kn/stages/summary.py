@@ -4,7 +4,7 @@ Every input is optional (a stage the run did not include gives "not run"):
 ``--in data_stats=`` data/stats.json, ``--in kn_stats=`` analysis/kn_stats.json,
 ``--in evaluate=`` evaluate/summary.csv, ``--in update=`` edit/update_summary.csv,
 ``--in erase=`` edit/erase.csv, ``--in distant=`` distant/activation_overall.csv,
-``--in probe=`` probe/accuracy.csv, ``--in model_card=`` model_card.md,
+``--in probe=`` probe/accuracy.csv, ``--in ceiling=`` localise/ceiling.csv, ``--in model_card=`` model_card.md,
 ``--in benchmark:<relation>/<shard>=`` each attribute job's benchmark file,
 ``--in table:<name>=<csv>`` for each table shown in the HTML page, and ``--in compare:<alias>=``
 the summary.csv of each other study shown beside this one (config key ``compare``), with
@@ -35,7 +35,7 @@ from kn.summary import (
     summary_markdown,
     vocabulary_coverage,
 )
-from kn.tables import DISTANT_OVERALL, EFFECT_SUMMARY, ERASE, PROBE_ACCURACY, UPDATE_SUMMARY, CsvTable
+from kn.tables import CEILING, DISTANT_OVERALL, EFFECT_SUMMARY, ERASE, PROBE_ACCURACY, UPDATE_SUMMARY, CsvTable
 
 log = logging.getLogger("kn.summary")
 
@@ -89,6 +89,7 @@ def main(args: StageArgs) -> None:
         erase=_csv(_optional(args, "erase"), ERASE),
         distant=_csv(_optional(args, "distant"), DISTANT_OVERALL),
         probe=_csv(_optional(args, "probe"), PROBE_ACCURACY),
+        ceiling=_csv(_optional(args, "ceiling"), CEILING),
         attribution_seconds=benchmark_seconds(args.keyed_inputs("benchmark", required=False)),
     )
     comparison = paper_vs_run(run)

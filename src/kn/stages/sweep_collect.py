@@ -2,7 +2,7 @@
 
 Inputs (the variant's own files, named by kn.layout): ``metrics`` (training metrics JSON),
 ``kn_stats`` (analysis JSON), ``effects`` (suppress/amplify summary CSV), ``prompts:<rel>/<shard>``
-(attribution prompt tables: gold probabilities), ``record:<rel>`` (refine JSON per relation),
+(attribution prompt tables: gold probabilities), ``ceiling`` (localisation ceilings CSV), ``record:<rel>`` (refine JSON per relation),
 ``neurons:<rel>`` (refined neurons: the IG sets go into the record, for the seed-stability
 measure) and ``benchmark:<key>`` (every job's benchmark file). ``--variant`` names the variant.
 Output: ``--out record=<variant>.json``.
@@ -16,7 +16,8 @@ import logging
 from kn.io import provenance, write_json
 from kn.stages.cli import StageArgs, run_stage
 from kn.sweep import collect_variant, job_seconds, variant_overrides
-from kn.tables import EFFECT_SUMMARY, NEURONS, SHARD_PROMPTS, concat, read_refine_record
+from kn.localise import ceiling_lines
+from kn.tables import CEILING, EFFECT_SUMMARY, NEURONS, SHARD_PROMPTS, concat, read_refine_record
 
 log = logging.getLogger("kn.sweep")
 
@@ -32,6 +33,7 @@ def main(args: StageArgs) -> None:
         gold_probs,
         {rel: read_refine_record(path) for rel, path in args.keyed_inputs("record").items()},
         job_seconds(list(args.keyed_inputs("benchmark").values())),
+        ceiling_lines(CEILING.read(args.input("ceiling"))),
     )
     neurons = concat(NEURONS.read(path, rel) for rel, path in args.keyed_inputs("neurons").items())
     record["ig_neurons"] = neurons.loc[neurons["method"] == "ig", ["relation", "fact_id", "layer", "neuron"]].values.tolist()

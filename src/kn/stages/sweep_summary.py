@@ -2,7 +2,7 @@
 
 Inputs: one record per variant ``--in record:<variant>=<variant>.json`` (sweep_collect; each
 holds its variant's IG neuron sets for the seed-stability measure). Outputs: ``csv``, ``markdown``, ``json`` and the
-effects and confidence figures (PNG and PDF).
+effects, confidence and ceiling figures (PNG and PDF).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 
-from kn.figures import save_figure, sweep_confidence_figure, sweep_effects_figure
+from kn.figures import save_figure, sweep_effects_figure, sweep_scatter_figure
 from kn.io import provenance, write_json, write_text
 from kn.stages.cli import StageArgs, run_stage
 from kn.sweep import (
@@ -47,7 +47,10 @@ def main(args: StageArgs) -> None:
                                      "provenance": provenance(cfg, "sweep_summary")})
     save_figure(sweep_effects_figure(table, factor_axes(variants, baseline, cfg), METHODS),
                 [args.output("figure_png"), args.output("figure_pdf")])
-    save_figure(sweep_confidence_figure(table), [args.output("confidence_png"), args.output("confidence_pdf")])
+    save_figure(sweep_scatter_figure(table, "mean_gold_prob", "mean gold probability of the studied prompts"),
+                [args.output("confidence_png"), args.output("confidence_pdf")])
+    save_figure(sweep_scatter_figure(table, "ffn_mask_all", "[MASK]-FFN ceiling (ffn_mask_all, localise)", ceiling=True),
+                [args.output("ceiling_png"), args.output("ceiling_pdf")])
     log.info("sweep table over %d variants written", len(table))
 
 
