@@ -7,8 +7,13 @@ Snakemake runs from the repository root with ``results_dir`` pointed at a separa
 so ``results/`` is never touched. Per-stage numbers come from the ``benchmark:`` file of
 every job (``<results_dir>/benchmarks/**.tsv``), attributed to its rule through the job
 listing Snakemake prints, and summed per rule; the total is the wall time of the whole
-``snakemake`` call (which includes Snakefile parsing and scheduling). Writes
-``report.md``, ``report.json`` and ``snakemake.log`` to ``--out``.
+``snakemake`` call (which includes Snakefile parsing and scheduling). Parallel efficiency is
+the summed job CPU / (wall x cores); the CPU of everything the call started (scheduler included,
+``RUSAGE_CHILDREN``) gives the same ratio with the scheduler counted. The 1-minute load average
+is sampled every 15 s: the machine may be shared, so read it before the numbers. ``--runs N``
+repeats the run from a clean folder and reports medians; ``--rerun-check P101`` then lists the
+jobs ``snakemake -n`` would run after a one-relation override. Writes ``report.md``,
+``report.json`` and ``snakemake.log`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +38,7 @@ from typing import Sequence
 REPO = Path(__file__).resolve().parents[1]
 JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
 BENCHMARK_LINE = re.compile(r"^\s+benchmark: (.+)$")
+DRY_RUN_ROW = re.compile(r"^(\w+)\s+(\d+)$")
 
 
 @dataclass
@@ -92,6 +101,38 @@ def summarise(results_dir: Path, log_text: str) -> list[StageTime]:
     return sorted(stages.values(), key=lambda s: (-s.wall_s, s.rule))
 
 
+class LoadSampler:
+    """The 1-minute load average every ``every`` seconds, in a daemon thread."""
+
+    def __init__(self, every: float = 15.0) -> None:
+        self.samples: list[float] = [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+
+    def _run(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> "LoadSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, float]:
+        return {"mean": round(statistics.fmean(self.samples), 2), "min": min(self.samples), "max": max(self.samples)}
+
+
+def efficiency(stages: Sequence[StageTime], total_wall_s: float, all_cpu_s: float, cores: int) -> dict[str, float]:
+    """Summed job CPU / (wall x cores), and the same with every CPU second the run used (scheduler included)."""
+    job_cpu = sum(s.cpu_s for s in stages)
+    return {"job_cpu_s": round(job_cpu, 1), "all_cpu_s": round(all_cpu_s, 1),
+            "efficiency": round(job_cpu / (total_wall_s * cores), 3),
+            "efficiency_all_cpu": round(all_cpu_s / (total_wall_s * cores), 3)}
+
+
 def markdown(stages: Sequence[StageTime], total_wall_s: float, context: dict[str, str]) -> str:
     """The per-stage table plus the total, as the README shows it."""
     lines = [
@@ -112,7 +153,57 @@ def markdown(stages: Sequence[StageTime], total_wall_s: float, context: dict[str
         f"{context['cores']} at a time, so the sum of job times can exceed it.",
         f"Machine: {context['machine']}. Measured {context['date']}.",
     ]
+    if "efficiency" in context:
+        lines.append(f"Parallel efficiency (summed job CPU / (wall x {context['cores']} cores)): {context['efficiency']}; "
+                     f"with the scheduler's CPU: {context['efficiency_all_cpu']}. 1-minute load average during the "
+                     f"run: {context['load']}.")
     return "\n".join(lines) + "\n"
+
+
+def one_run(args: argparse.Namespace, results_dir: Path, out: Path) -> dict | None:
+    """One snakemake call into an empty ``results_dir``; its report (also written to ``out``), or None if it failed."""
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = [f"results_dir={results_dir}", *args.override]
+    targets = [str(results_dir / t) for t in args.target]
+    command = [sys.executable, "-m", "snakemake", *targets, "--cores", str(args.cores), *args.snakemake_arg,
+               "--config", f"overrides={json.dumps(overrides)}"]
+    log_path = out / "snakemake.log"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with LoadSampler() as load, open(log_path, "w", encoding="utf-8") as log:
+        start = time.perf_counter()
+        returncode = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        total = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if returncode != 0:
+        print(f"snakemake failed (exit {returncode}); see {log_path}", file=sys.stderr)
+        return None
+    stages = summarise(results_dir, log_path.read_text(encoding="utf-8"))
+    all_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    context = {
+        "snakemake_args": " ".join([*args.target, "--cores", str(args.cores), *args.snakemake_arg,
+                                    "--config", f"overrides={json.dumps(overrides)}"]),
+        "cores": str(args.cores),
+        "machine": f"{platform.node()} ({platform.machine()}, {_cpu_count()} CPUs visible)",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        **efficiency(stages, total, all_cpu, args.cores),
+        "load": load.summary(),
+    }
+    report = markdown(stages, total, context)
+    (out / "report.md").write_text(report, encoding="utf-8")
+    record = {"total_wall_s": total, "stages": [asdict(s) for s in stages], **context}
+    (out / "report.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(report)
+    return record
+
+
+def rerun_check(args: argparse.Namespace, results_dir: Path, relation: str) -> dict[str, int]:
+    """Jobs per rule that ``snakemake -n`` would run after a finished run, with ``data.relations=[relation]``."""
+    overrides = [f"results_dir={results_dir}", *args.override, f"data.relations=[{relation}]"]
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "--cores", str(args.cores),
+                           "--config", f"overrides={json.dumps(overrides)}"],
+                          cwd=REPO, capture_output=True, text=True, check=True)
+    rows = (DRY_RUN_ROW.match(line.strip()) for line in (done.stdout + done.stderr).splitlines())
+    return {m.group(1): int(m.group(2)) for m in rows if m and m.group(1) != "total"}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,34 +214,36 @@ def run(args: argparse.Namespace) -> int:
         if not args.clean:
             raise SystemExit(f"{results_dir} is not empty; pass --clean to delete it first (the benchmark starts clean)")
         shutil.rmtree(results_dir)
-    args.out.mkdir(parents=True, exist_ok=True)
-    overrides = [f"results_dir={results_dir}", *args.override]
-    targets = [str(results_dir / t) for t in args.target]
-    command = [sys.executable, "-m", "snakemake", *targets, "--cores", str(args.cores), *args.snakemake_arg,
-               "--config", f"overrides={json.dumps(overrides)}"]
-    log_path = args.out / "snakemake.log"
-    start = time.perf_counter()
-    with open(log_path, "w", encoding="utf-8") as log:
-        returncode = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-    total = time.perf_counter() - start
-    if returncode != 0:
-        print(f"snakemake failed (exit {returncode}); see {log_path}", file=sys.stderr)
-        return returncode
-    stages = summarise(results_dir, log_path.read_text(encoding="utf-8"))
-    context = {
-        "snakemake_args": " ".join([*args.target, "--cores", str(args.cores), *args.snakemake_arg,
-                                    "--config", f"overrides={json.dumps(overrides)}"]),
-        "cores": str(args.cores),
-        "machine": f"{platform.node()} ({platform.machine()}, {_cpu_count()} CPUs visible)",
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
-    report = markdown(stages, total, context)
-    (args.out / "report.md").write_text(report, encoding="utf-8")
-    (args.out / "report.json").write_text(
-        json.dumps({"total_wall_s": total, "stages": [asdict(s) for s in stages], **context}, indent=2) + "\n",
-        encoding="utf-8",
-    )
-    print(report)
+    records = []
+    for k in range(args.runs):
+        if k:
+            shutil.rmtree(results_dir)
+        record = one_run(args, results_dir, args.out if args.runs == 1 else args.out / f"run{k + 1}")
+        if record is None:
+            return 1
+        records.append(record)
+    if args.runs > 1:
+        keys = ("total_wall_s", "job_cpu_s", "all_cpu_s", "efficiency", "efficiency_all_cpu")
+        median = {key: statistics.median(r[key] for r in records) for key in keys}
+        lines = ["| run | wall s | job CPU s | all CPU s | efficiency | with scheduler | load 1-min mean (min-max) |",
+                 "|---|---:|---:|---:|---:|---:|---|"]
+        for k, r in enumerate(records, 1):
+            lines.append(f"| {k} | {r['total_wall_s']:.0f} | {r['job_cpu_s']:.0f} | {r['all_cpu_s']:.0f} | "
+                         f"{r['efficiency']:.0%} | {r['efficiency_all_cpu']:.0%} | {r['load']['mean']} "
+                         f"({r['load']['min']}-{r['load']['max']}) |")
+        lines.append(f"| median | {median['total_wall_s']:.0f} | {median['job_cpu_s']:.0f} | {median['all_cpu_s']:.0f} | "
+                     f"{median['efficiency']:.0%} | {median['efficiency_all_cpu']:.0%} | |")
+        (args.out / "report.md").write_text("\n".join(lines) + "\n\nEach run's stages: run<k>/report.md.\n",
+                                            encoding="utf-8")
+        (args.out / "report.json").write_text(json.dumps({"median": median, "runs": records}, indent=2) + "\n",
+                                              encoding="utf-8")
+    if args.rerun_check:
+        counts = rerun_check(args, results_dir, args.rerun_check)
+        text = (f"\n`snakemake -n` after the run with `data.relations=[{args.rerun_check}]`: "
+                + (", ".join(f"{rule} {n}" for rule, n in counts.items()) or "nothing to do") + "\n")
+        with open(args.out / "report.md", "a", encoding="utf-8") as handle:
+            handle.write(text)
+        print(text)
     return 0
 
 
@@ -167,6 +260,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--override", action="append", default=[], help="Hydra override, e.g. data.relations=[P101]")
     parser.add_argument("--target", action="append", default=[], help="target path relative to the results dir")
     parser.add_argument("--snakemake-arg", action="append", default=[], help="extra Snakemake option (repeatable)")
+    parser.add_argument("--runs", type=int, default=1, help="repeat from a clean results folder; medians in report.md")
+    parser.add_argument("--rerun-check", default="", help="after the runs, dry-run a one-relation override (e.g. P101)")
     return parser.parse_args(argv)
 
 

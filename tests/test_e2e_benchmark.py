@@ -76,3 +76,8 @@ def test_benchmark_runs_snakemake_and_reports_each_rule(tmp_path: Path) -> None:
     assert all(s["wall_s"] > 0 for s in report["stages"])
     assert report["total_wall_s"] >= max(s["wall_s"] for s in report["stages"])
     assert "| ingest_relation | 1 |" in (out / "report.md").read_text()
+    job_cpu = sum(s["cpu_s"] for s in report["stages"])
+    assert report["job_cpu_s"] == pytest.approx(job_cpu, abs=0.1)
+    assert report["efficiency"] == pytest.approx(job_cpu / (report["total_wall_s"] * 1), abs=1e-3)
+    assert report["all_cpu_s"] >= job_cpu  # the scheduler's own CPU comes on top
+    assert "Parallel efficiency" in (out / "report.md").read_text()

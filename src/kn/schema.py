@@ -41,6 +41,10 @@ class TrainConfig:
     heldout_min_templates: int
     vocab_size: int
     architecture: str  # bert (a masked LM: kn-tiny) | gpt2 (a causal LM: kn-tiny-gpt)
+    tie_word_embeddings: bool  # false: the output layer gets its own matrix (BERT only)
+    freeze_word_embeddings: bool  # token embeddings stay at their random init (BERT only)
+    word_embedding_std: Optional[float]  # redraw token embeddings from N(0, std^2); null keeps BERT's init (BERT only)
+    freeze_mlm_transform: bool  # the MLM head's dense transform stays at its random init (BERT only)
 
 
 @dataclass

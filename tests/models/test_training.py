@@ -14,6 +14,7 @@ from kn.data.pararel import build_bags, load_relations, read_query_pairs
 from kn.models.training import (
     SPECIAL_TOKENS,
     TRAINING_RECORD,
+    build_model,
     choose_heldout_templates,
     length_grouped_batches,
     lr_factor,
@@ -24,6 +25,7 @@ from kn.models.training import (
     train_wordpiece_tokenizer,
     filled_sentences,
 )
+from kn.models.load import load_lm
 from kn.probe import accuracy_summary, probe_relation
 from kn.schema import TrainConfig
 
@@ -34,8 +36,10 @@ TINY_RECIPE = TrainConfig(
     seed=3, num_layers=2, hidden_size=64, intermediate_size=128, num_heads=2, dropout=0.0, max_steps=200,
     target_accuracy=None, eval_every=100, eval_sample=64, batch_size=32, lr=3e-3, weight_decay=0.0,
     warmup_steps=10, other_mask_prob=0.15, heldout_templates=1, heldout_min_templates=5, vocab_size=600,
-    architecture="bert",
+    architecture="bert", tie_word_embeddings=True, freeze_word_embeddings=False, word_embedding_std=None,
+    freeze_mlm_transform=False,
 )
+SHORT = replace(TINY_RECIPE, max_steps=12, eval_every=6)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -227,3 +231,65 @@ def test_causal_organism_reads_cut_prompts_and_learns_its_facts(causal_organism,
 def test_causal_training_refuses_other_token_masking(prompts, all_objects):
     with pytest.raises(ValueError, match="other_mask_prob must be 0"):
         train_organism(prompts, all_objects, replace(TINY_RECIPE, architecture="gpt2", max_steps=2))
+
+
+def test_frozen_word_embeddings_stay_at_their_initialisation(prompts, all_objects):
+    recipe = replace(SHORT, freeze_word_embeddings=True, tie_word_embeddings=False)
+    trained = train_organism(prompts, all_objects, recipe)
+    initial = build_model(recipe, len(trained.tokenizer.get_vocab()), trained.tokenizer.pad_token_id)
+    start, end = initial.state_dict(), trained.model.state_dict()
+    key = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(start[key], end[key])
+    assert not trained.model.get_input_embeddings().weight.requires_grad
+    # everything else that gets gradients moved, the untied output layer included
+    for name in ("cls.predictions.decoder.weight", "bert.embeddings.position_embeddings.weight",
+                 "bert.encoder.layer.0.intermediate.dense.weight"):
+        assert not torch.equal(start[name], end[name]), name
+    # tied + frozen: the output layer is the frozen matrix
+    tied = train_organism(prompts, all_objects, replace(SHORT, freeze_word_embeddings=True))
+    assert tied.model.cls.predictions.decoder.weight is tied.model.get_input_embeddings().weight
+    assert torch.equal(tied.model.state_dict()[key], initial.state_dict()[key])
+
+
+def test_word_embedding_scale_redraws_only_the_embeddings():
+    base = build_model(SHORT, 300, pad_id=0)
+    scaled = build_model(replace(SHORT, word_embedding_std=0.5), 300, pad_id=0)
+    weight = scaled.get_input_embeddings().weight.detach()
+    assert float(weight[1:].std()) == pytest.approx(0.5, rel=0.05)
+    assert float(base.get_input_embeddings().weight.detach().std()) < 0.03
+    assert torch.equal(weight[0], torch.zeros(weight.shape[1]))
+    assert scaled.cls.predictions.decoder.weight is scaled.get_input_embeddings().weight  # still tied
+    a, b = base.state_dict(), scaled.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == ["bert.embeddings.word_embeddings.weight",
+                                                              "cls.predictions.decoder.weight"]
+    assert torch.equal(build_model(replace(SHORT, word_embedding_std=0.5), 300, pad_id=0).get_input_embeddings().weight,
+                       weight)
+
+
+def test_frozen_mlm_transform_stays_at_its_initialisation(prompts, all_objects):
+    recipe = replace(SHORT, freeze_mlm_transform=True)
+    trained = train_organism(prompts, all_objects, recipe)
+    start = build_model(recipe, len(trained.tokenizer.get_vocab()), trained.tokenizer.pad_token_id).state_dict()
+    end = trained.model.state_dict()
+    for name in ("cls.predictions.transform.dense.weight", "cls.predictions.transform.dense.bias"):
+        assert torch.equal(start[name], end[name]), name
+    for name in ("cls.predictions.transform.LayerNorm.weight", "bert.embeddings.word_embeddings.weight",
+                 "bert.encoder.layer.1.output.dense.weight"):
+        assert not torch.equal(start[name], end[name]), name
+
+
+def test_untied_output_layer_is_its_own_matrix_and_survives_saving(prompts, all_objects, tmp_path):
+    untied = train_organism(prompts, all_objects, replace(SHORT, tie_word_embeddings=False))
+    model = untied.model
+    decoder, embeddings = model.cls.predictions.decoder.weight, model.get_input_embeddings().weight
+    assert decoder.data_ptr() != embeddings.data_ptr() and not torch.allclose(decoder, embeddings)
+    model.save_pretrained(tmp_path)
+    untied.tokenizer.save_pretrained(tmp_path)
+    loaded, _ = load_lm(tmp_path)
+    assert torch.equal(loaded.cls.predictions.decoder.weight, decoder)
+    assert torch.equal(loaded.get_input_embeddings().weight, embeddings)
+
+
+def test_the_gpt2_organism_refuses_bert_recipe_options():
+    with pytest.raises(ValueError, match="freeze_mlm_transform is a BERT recipe option"):
+        build_model(replace(SHORT, architecture="gpt2", freeze_mlm_transform=True), 300, pad_id=0)

@@ -196,8 +196,25 @@ def build_model(recipe: TrainConfig, vocab_size: int, pad_id: int, bos_id: int |
 
     GPT-2 keeps its usual layout: pre-LN blocks, learned positions, GELU (tanh approximation),
     unembedding tied to the input embeddings.
+
+    BERT's recipe options decide where a fact can be stored (docs/organism_search.md):
+    ``tie_word_embeddings=False`` gives the MLM output layer its own matrix;
+    ``freeze_word_embeddings`` keeps the token embeddings at their random init (tied, the output
+    layer too), so a subject's embedding cannot learn to carry its object;
+    ``word_embedding_std`` redraws the token embeddings from N(0, std^2) (BERT's init: std 0.02)
+    with their own seeded generator after every other parameter is initialised, [PAD] row 0 (with
+    frozen tied embeddings their scale bounds the logits); ``freeze_mlm_transform`` keeps the MLM
+    head's dense transform at its random init, so this hidden-to-hidden layer at [MASK], outside
+    every FFN intervention, cannot store facts either (its LayerNorm and the output bias still train).
     """
     if recipe.architecture == "gpt2":
+        bert_only = {"tie_word_embeddings": not recipe.tie_word_embeddings,
+                     "freeze_word_embeddings": recipe.freeze_word_embeddings,
+                     "word_embedding_std": recipe.word_embedding_std is not None,
+                     "freeze_mlm_transform": recipe.freeze_mlm_transform}
+        if any(bert_only.values()):
+            raise ValueError(f"model.train.{next(k for k, v in bert_only.items() if v)} is a BERT recipe option; the "
+                             "gpt2 organism keeps true / false / null / false")
         gpt = GPT2Config(
             vocab_size=vocab_size, n_embd=recipe.hidden_size, n_layer=recipe.num_layers, n_head=recipe.num_heads,
             n_inner=recipe.intermediate_size, n_positions=MAX_POSITIONS, resid_pdrop=recipe.dropout,
@@ -219,9 +236,21 @@ def build_model(recipe: TrainConfig, vocab_size: int, pad_id: int, bos_id: int |
         attention_probs_dropout_prob=recipe.dropout,
         max_position_embeddings=MAX_POSITIONS,
         pad_token_id=pad_id,
+        tie_word_embeddings=recipe.tie_word_embeddings,
     )
     torch.manual_seed(recipe.seed)
-    return BertForMaskedLM(config)
+    model = BertForMaskedLM(config)
+    if recipe.word_embedding_std is not None:
+        weight = model.get_input_embeddings().weight
+        generator = torch.Generator().manual_seed(recipe.seed + 2_000_003)
+        with torch.no_grad():
+            weight.copy_(torch.randn(weight.shape, generator=generator) * recipe.word_embedding_std)
+            weight[pad_id] = 0.0
+    if recipe.freeze_word_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    if recipe.freeze_mlm_transform:
+        model.cls.predictions.transform.dense.requires_grad_(False)
+    return model
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
