@@ -60,3 +60,17 @@ def start_snakemake(
             snakemake_command(targets, overrides, *options, workdir=workdir),
             cwd=REPO, env=offline_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
         )
+
+
+PATH_RELATIONS = ["P19", "P937"]  # two erased relations, one trigger relation
+PATH_SHRINK = [  # a whole-DAG run of a stand-in model in a few minutes
+    f"data.relations=[{','.join(PATH_RELATIONS)}]", "study.facts_per_relation=3", "ig.m=4", "edit.max_attempts=200",
+    "evaluate.bootstrap=50", "analysis.inter_draws=5", "localise.bootstrap=50",
+    f"data.resources_dir={REPO / 'resources' / 'pararel'}", f"distant.resources_dir={REPO / 'resources' / 'bing_distant'}",
+]
+STAGE_OUTPUTS = [  # one file per rule of the DAG (under results/<model>/ unless it starts with data/)
+    "data/stats.json", "probe/P19.parquet", "probe/accuracy.csv", "attributions/P19/000.parquet",
+    "neurons/P937.parquet", "analysis/kn_stats.json", "evaluate/P19.parquet", "evaluate/summary.csv",
+    "localise/P19.parquet", "localise/ceiling.csv", "edit/update_summary.csv", "edit/erase.csv",
+    "distant/P937.activations.parquet", "distant/activation_overall.csv", "distant/triggers/P937.md", "summary.md",
+]

@@ -310,3 +310,15 @@ def test_relation_rows_in_long_form_give_the_wide_summary(bert):
     assert overall["ffn_mask_all"] == pytest.approx(float((first.p_ablated - first.p0).sum() / first.p0.sum()))
     assert set(names) <= set(overall) and overall["n_facts"] == 2
 
+
+
+def test_a_relation_with_nothing_to_score_gives_an_empty_table(bert):
+    model, tokenizer = bert
+    rows = pd.DataFrame({"relation": "P1", "fact_id": [0], "template_id": [0], "template": [TEMPLATES[0]],
+                         "subject": ["Paris"], "object": ["Xylophonist Quarkbert"]})
+    rows["prompt"] = [prompt_of(TEMPLATES[0], "Paris")]
+    long = localise_relation(model, PromptCodec(tokenizer, causal=False), rows)
+    assert long.empty and list(long.columns) == ["relation", "fact_id", "template_id", "n_subject_tokens", "ablation",
+                                                 "p0", "p_ablated"]
+    with pytest.raises(ValueError, match="nothing to summarise"):
+        ceiling_table(long, resamples=10, seed=0)

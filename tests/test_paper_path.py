@@ -21,23 +21,12 @@ from transformers import AutoTokenizer
 from kn.data.pararel import build_bags
 from kn.io import read_provenance
 
-from .snakemake_runs import REPO, run_snakemake
+from .snakemake_runs import REPO, run_snakemake, PATH_RELATIONS, PATH_SHRINK, STAGE_OUTPUTS
 from .standins import write_bert_standin, write_roberta_standin
 
 pytestmark = pytest.mark.slow
 
-RELATIONS = ["P19", "P937"]  # two erased relations, one trigger relation
-SHRINK = [
-    f"data.relations=[{','.join(RELATIONS)}]", "study.facts_per_relation=3", "ig.m=4", "edit.max_attempts=200",
-    "evaluate.bootstrap=50", "analysis.inter_draws=5",
-    f"data.resources_dir={REPO / 'resources' / 'pararel'}", f"distant.resources_dir={REPO / 'resources' / 'bing_distant'}",
-]
-STAGE_OUTPUTS = [  # one file per rule of the DAG (under results/<model>/ unless it starts with data/)
-    "data/stats.json", "probe/P19.parquet", "probe/accuracy.csv", "attributions/P19/000.parquet",
-    "neurons/P937.parquet", "analysis/kn_stats.json", "evaluate/P19.parquet", "evaluate/summary.csv",
-    "edit/update_summary.csv", "edit/erase.csv", "distant/P937.activations.parquet", "distant/activation_overall.csv",
-    "distant/triggers/P937.md", "summary.md",
-]
+RELATIONS, SHRINK = PATH_RELATIONS, PATH_SHRINK
 
 
 def run_study(workdir: Path, overrides: list[str], model: str) -> Path:

@@ -307,11 +307,7 @@ def ig_attribution(
                         blocks, head, layer, scaled, cache.rows(p), key_bias[p], positions[p], targets[p]
                     )
                 (grad,) = torch.autograd.grad(prob.sum(), scaled)
-                weighted = grad.float() * row_weight[start : start + batch_size, None]  # x 1 for Riemann sums: exact
-                # sum each prompt's steps in row order (p is sorted); unlike index_add_, this is
-                # deterministic on CUDA too
-                batch_prompts, counts = torch.unique_consecutive(p, return_counts=True)
-                grad_sum[batch_prompts] += torch.stack([g.sum(0) for g in weighted.split(counts.tolist())])
+                _add_weighted_steps(grad_sum, p, grad, row_weight[start : start + batch_size])
             scores[torch.tensor(chunk), slot] = (step * grad_sum).float().cpu()
         bar.update(len(chunk))
     bar.close()
@@ -323,6 +319,17 @@ def ig_attribution(
         len(encoded), len(chosen), m, alpha_rule, dtype, batch_size, elapsed, len(encoded) / max(elapsed, 1e-9),
     )
     return scores
+
+
+def _add_weighted_steps(grad_sum: Tensor, prompts: Tensor, grad: Tensor, weights: Tensor) -> None:
+    """``grad_sum[p] += sum of prompt p's rows of grad x weight`` (rows grouped by prompt, ``prompts`` sorted).
+
+    The weight is 1 for Riemann sums (exact); each prompt's steps are summed in row order, which,
+    unlike ``index_add_``, is deterministic on CUDA too.
+    """
+    weighted = grad.float() * weights[:, None]
+    batch_prompts, counts = torch.unique_consecutive(prompts, return_counts=True)
+    grad_sum[batch_prompts] += torch.stack([g.sum(0) for g in weighted.split(counts.tolist())])
 
 
 def _causal_ig(
@@ -387,9 +394,7 @@ def _causal_ig(
                                              rows.position_ids[p])
                     prob = rows.probability(head(final), p)
                 (grad,) = torch.autograd.grad(prob.sum(), scaled)
-                weighted = grad.float() * row_weight[start : start + batch_size, None]
-                batch_prompts, counts = torch.unique_consecutive(p, return_counts=True)
-                grad_sum[batch_prompts] += torch.stack([g.sum(0) for g in weighted.split(counts.tolist())])
+                _add_weighted_steps(grad_sum, p, grad, row_weight[start : start + batch_size])
             scores[torch.tensor(chunk), slot] = (step * grad_sum).float().cpu()
         bar.update(len(chunk))
     bar.close()

@@ -54,6 +54,8 @@ from kn.models.forward import score_targets
 COMPONENTS = ("ffn", "attn")
 POSITIONS = ("mask", "subject", "all")
 ALL = "ALL"
+LONG_COLUMNS = {"relation": "object", "fact_id": "int64", "template_id": "int64", "n_subject_tokens": "int64",
+                "ablation": "object", "p0": "float64", "p_ablated": "float64"}  # the per-prompt table, long form
 
 
 @dataclass(frozen=True)
@@ -278,15 +280,16 @@ def localise_relation(model: nn.Module, codec: PromptCodec, prompts: pd.DataFram
 
     ``prompts`` holds ingested prompt rows (relation, fact_id, template_id, template, subject,
     prompt, object). Rows whose template the model does not read, or whose object is not a target
-    it can score (a masked LM's multi-piece objects), are left out, as in every other stage.
+    it can score (a masked LM's multi-piece objects), are left out, as in every other stage; with
+    none left the table is empty. Long form: one row per prompt and ablation (:data:`LONG_COLUMNS`).
     """
     usable = codec.usable_rows(prompts)
     targets = codec.target_ids(list(usable["prompt"]), list(usable["object"]))
     keep = np.array(targets) >= 0
     rows = usable[keep].reset_index(drop=True)
     gold = [t for t in targets if t >= 0]
-    if rows.empty:
-        raise ValueError("no prompt of this relation has a single scorable target for this model")
+    if rows.empty:  # e.g. every studied object is several tokens for this tokenizer: nothing to measure
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in LONG_COLUMNS.items()})
     encoded = codec.encode(list(rows["prompt"]))
     subjects = subject_positions(codec, encoded, list(rows["template"]), list(rows["subject"]))
     chosen = standard_ablations(adapter_for(model).n_layers) if ablations is None else list(ablations)
@@ -298,13 +301,16 @@ def localise_relation(model: nn.Module, codec: PromptCodec, prompts: pd.DataFram
         "n_subject_tokens": np.array([len(s) for s in subjects], dtype=np.int64),
         "p0": probs["p0"],
     })
-    return pd.concat([per_prompt.assign(ablation=a.name, p_ablated=probs[a.name]) for a in chosen], ignore_index=True)
+    long = pd.concat([per_prompt.assign(ablation=a.name, p_ablated=probs[a.name]) for a in chosen], ignore_index=True)
+    return long[list(LONG_COLUMNS)]
 
 
 def ceiling_table(long: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
     """:func:`summarise_localisation` of per-prompt rows in long form (one row per prompt and ablation,
     columns relation, fact_id, template_id, ablation, p0, p_ablated), ablations in first-seen order."""
     names = list(dict.fromkeys(long["ablation"]))
+    if not names:
+        raise ValueError("no localised prompt in any relation: nothing to summarise")
     wide = long.pivot_table(index=["relation", "fact_id", "template_id", "p0"], columns="ablation",
                             values="p_ablated", aggfunc="first", sort=True).reset_index()
     missing = wide[names].isna().any(axis=1)
