@@ -15,6 +15,16 @@ wall time includes waiting for a core. Writes benchmarks/out/attribution.{json,m
     python benchmarks/attribution_benchmark.py               # both models, 3 repeats, 1 thread
     python benchmarks/attribution_benchmark.py --models tiny --repeats 5
     python benchmarks/attribution_benchmark.py --models gpt2 --gpt-prompts 3 --gpt-ref-prompts 1
+
+``--eleuther`` (opt-in) also times EleutherAI's ``knowledge-neurons`` 0.0.2 (``KnowledgeNeurons.get_scores``)
+against the fast path on a bert-base-cased-shaped stand-in (tests/standins.py: SHAPES["base"], a cased
+WordPiece vocabulary padded to 28,996, random weights) and the same ParaRel prompts, at 1 and 2 torch
+threads (``--eleuther-threads``). Their package is installed with ``pip install --no-deps`` into a throwaway
+venv (benchmarks/out/eleuther-venv, reusing this environment's torch and transformers through a .pth file)
+and run there in a subprocess (benchmarks/eleuther_worker.py); when it cannot be installed (offline) the
+comparison is skipped with a message. ``--models ''`` runs only that comparison:
+
+    python benchmarks/attribution_benchmark.py --models base --eleuther --eleuther-prompts 2 --repeats 1
 """
 
 from __future__ import annotations
@@ -23,11 +33,15 @@ import argparse
 import json
 import os
 import platform
+import site
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
+from unittest import mock
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -36,8 +50,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests/naive_ig.py (the reference lives with the tests)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from kn.attribution import ig_attribution  # noqa: E402
-from kn.models.encoding import EncodedPrompts  # noqa: E402
+import kn.attribution  # noqa: E402
+from kn.attribution import Quadrature, ig_attribution  # noqa: E402
+from kn.models.encoding import MASK_LITERAL, EncodedPrompts, PromptCodec  # noqa: E402
 from tests.naive_ig import naive_ig  # noqa: E402
 
 M = 20
@@ -215,6 +230,252 @@ def markdown(results: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------ EleutherAI knowledge-neurons 0.0.2
+ELEUTHER_REQUIREMENT = "knowledge-neurons==0.0.2"
+ELEUTHER_EXTRAS = ("einops",)  # their one import this environment lacks (seaborn is declared but never imported)
+ELEUTHER_WORKER = REPO / "benchmarks" / "eleuther_worker.py"
+BRIDGE_PTH = "_kn_benchmark_parent_env.pth"
+ELEUTHER_BAR = 2.5  # the issue's bar: the fast path at least 2.5x their prompts/s at 1 thread
+PARAREL = REPO / "resources" / "pararel"
+
+
+def bridge_pth_text(site_dirs: Sequence[str]) -> str:
+    """A .pth that puts ``site_dirs`` (this environment's site-packages) after the throwaway venv's own, so its
+    python imports our torch and transformers while what pip installed there stays out of our environment."""
+    return "".join(f"import site; site.addsitedir({str(d)!r})\n" for d in site_dirs)
+
+
+def eleuther_rule(m: int) -> Quadrature:
+    """Their quadrature as a :class:`kn.attribution.Quadrature`: alpha_k = k / (m - 1), k = 0..m-1 (torch.linspace(0, 1,
+    m), both ends included), weight 1/m each (IG = a/m ⊙ Σ_k g_k); the authors' (our default, ``left``) is
+    alpha_k = k / m."""
+    if m < 2:
+        raise ValueError(f"m = {m}; their rule needs m >= 2 points")
+    return Quadrature(float(m - 1), torch.arange(m, dtype=torch.float32), torch.full((m,), (m - 1) / m))
+
+
+def eleuther_python(venv: Path) -> tuple[Path | None, str]:
+    """The throwaway venv's python, with knowledge-neurons 0.0.2 importable (installed there on first use), or
+    (None, why not). pip runs before the bridge .pth exists and with --ignore-installed, so it never sees (nor
+    touches) this environment; --no-deps keeps it from pulling another torch."""
+    python = venv / "bin" / "python"
+    probe_code = "import knowledge_neurons, einops, torch, transformers; print(torch.__version__, transformers.__version__)"
+
+    def probe() -> subprocess.CompletedProcess:
+        return subprocess.run([str(python), "-c", probe_code], capture_output=True, text=True, timeout=600)
+
+    ours = f"{torch.__version__} {__import__('transformers').__version__}"
+    try:
+        if not (python.is_file() and probe().returncode == 0):
+            if not python.is_file():
+                print(f"creating {venv} (python -m venv --system-site-packages)", file=sys.stderr, flush=True)
+                subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True,
+                               capture_output=True, text=True, timeout=600)
+            purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                     check=True, capture_output=True, text=True, timeout=120).stdout.strip()
+            bridge = Path(purelib) / BRIDGE_PTH
+            bridge.unlink(missing_ok=True)
+            print(f"pip install --no-deps {ELEUTHER_REQUIREMENT} {' '.join(ELEUTHER_EXTRAS)} into {venv}",
+                  file=sys.stderr, flush=True)
+            pip = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--ignore-installed", "--no-input",
+                                  "--disable-pip-version-check", ELEUTHER_REQUIREMENT, *ELEUTHER_EXTRAS],
+                                 capture_output=True, text=True, timeout=900)
+            if pip.returncode != 0:
+                tail = (pip.stderr or pip.stdout).strip().splitlines()[-3:]
+                return None, f"pip install {ELEUTHER_REQUIREMENT} failed (offline?): {' | '.join(tail)}"
+            bridge.write_text(bridge_pth_text(site.getsitepackages()))
+        check = probe()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"cannot set up {venv}: {exc}"
+    if check.returncode != 0:
+        return None, f"knowledge_neurons does not import in {venv}: {check.stderr.strip().splitlines()[-1:]}"
+    if check.stdout.strip() != ours:
+        return None, f"{venv} imports torch/transformers {check.stdout.strip()}, not this environment's {ours}"
+    return python, f"{venv} (torch/transformers {ours} shared with this environment)"
+
+
+def eleuther_standin(directory: Path) -> Path:
+    """A bert-base-cased-shaped stand-in (SHAPES["base"], random weights, cased WordPiece vocabulary padded to
+    28,996), written once by tests/standins.py and reused."""
+    layers, hidden, ffn, heads, vocab = SHAPES["base"]
+    want = {"num_hidden_layers": layers, "hidden_size": hidden, "intermediate_size": ffn, "num_attention_heads": heads,
+            "vocab_size": vocab}
+    config = directory / "config.json"
+    if config.is_file() and (directory / "model.safetensors").is_file() and (directory / "tokenizer_config.json").is_file():
+        if all(json.loads(config.read_text()).get(k) == v for k, v in want.items()):
+            return directory
+    from tests.standins import write_bert_standin
+
+    print(f"writing the bert-base-size stand-in to {directory}", file=sys.stderr, flush=True)
+    return write_bert_standin(directory, layers=layers, hidden=hidden, ffn=ffn, heads=heads, vocab_size=vocab, seed=0)
+
+
+def pararel_prompts(codec: PromptCodec, n: int) -> tuple[list[str], list[str]]:
+    """n ParaRel prompts whose object is one token: template 0 of each relation's first fact, then fact 1, ..."""
+    from kn.data.pararel import build_bags
+
+    prompts, _ = build_bags(PARAREL, "all", max(3, n))
+    prompts = prompts.sort_values(["template_id", "fact_id", "relation"], kind="stable")
+    chosen = [(row.prompt, row.object) for row in prompts.itertuples() if codec.target_id(row.prompt, row.object) is not None]
+    if len(chosen) < n:
+        raise ValueError(f"only {len(chosen)} ParaRel prompts with a one-token object; asked for {n}")
+    return [p for p, _ in chosen[:n]], [o for _, o in chosen[:n]]
+
+
+def run_eleuther_worker(python: Path, folder: Path, prompts: list[str], truths: list[str], threads: int, steps: int,
+                        batch_size: int, repeats: int, count_flops: bool = False) -> tuple[dict, torch.Tensor]:
+    with tempfile.TemporaryDirectory(prefix="eleuther-") as tmp:
+        spec = {"model": str(folder), "prompts": prompts, "ground_truths": truths, "threads": threads, "steps": steps,
+                "batch_size": batch_size, "repeats": repeats, "count_flops": count_flops, "scores_out": f"{tmp}/scores.pt",
+                "result_out": f"{tmp}/result.json"}
+        (Path(tmp) / "spec.json").write_text(json.dumps(spec))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "PYTHONNOUSERSITE": "1"}
+        done = subprocess.run([str(python), str(ELEUTHER_WORKER), f"{tmp}/spec.json"], env=env, stdout=subprocess.PIPE,
+                              stderr=None, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{ELEUTHER_WORKER.name} failed (exit {done.returncode}); its stderr is above")
+        return json.loads((Path(tmp) / "result.json").read_text()), torch.load(f"{tmp}/scores.pt")
+
+
+def summarise_speed(ours: list[dict], theirs: list[dict]) -> dict:
+    """Median per-prompt times (wall, CPU) of each side's runs, prompts/s and ours / theirs."""
+    med = {f"{side}_{key}": statistics.median(run[key] for run in runs)
+           for side, runs in (("ours", ours), ("theirs", theirs)) for key in ("s_per_prompt", "cpu_s_per_prompt")}
+    return {
+        "theirs_prompts_per_s": 1 / med["theirs_s_per_prompt"], "ours_prompts_per_s": 1 / med["ours_s_per_prompt"],
+        "theirs_prompts_per_cpu_s": 1 / med["theirs_cpu_s_per_prompt"],
+        "ours_prompts_per_cpu_s": 1 / med["ours_cpu_s_per_prompt"],
+        "ratio_wall": med["theirs_s_per_prompt"] / med["ours_s_per_prompt"],
+        "ratio_cpu": med["theirs_cpu_s_per_prompt"] / med["ours_cpu_s_per_prompt"],
+        **med,
+    }
+
+
+def bench_eleuther(out: Path, n_prompts: int, threads_list: Sequence[int], repeats: int, batch_size: int,
+                   their_batch_size: int, restore_threads: int) -> dict:
+    from kn.models import load_lm
+
+    out = out.resolve()
+    python, how = eleuther_python(out / "eleuther-venv")
+    if python is None:
+        print(f"\nSKIPPED the EleutherAI knowledge-neurons comparison: {how}\n", file=sys.stderr, flush=True)
+        return {"skipped": how}
+    if M % their_batch_size:
+        raise ValueError(f"--eleuther-batch-size {their_batch_size} must divide m = {M} (their get_scores asserts it)")
+    folder = eleuther_standin(out / "eleuther-base-standin")
+    model, tokenizer = load_lm(folder)
+    codec = PromptCodec(tokenizer, causal=False)
+    texts, objects = pararel_prompts(codec, n_prompts)
+    encoded = codec.encode(texts)
+    targets = torch.tensor(codec.target_ids(texts, objects))
+    their_prompts = [t.replace(MASK_LITERAL, str(tokenizer.mask_token)) for t in texts]
+    truths = [str(t) for t in tokenizer.convert_ids_to_tokens(targets.tolist())]
+    top = [model.config.num_hidden_layers - 1]
+
+    def ours(rule: str = "left") -> torch.Tensor:
+        return ig_attribution(model, encoded, targets, m=M, alpha_rule=rule, batch_size=batch_size, progress=False)
+
+    rows, flops = [], {}
+    first = EncodedPrompts(encoded.input_ids[:1], encoded.mask_positions[:1])
+    for threads in threads_list:
+        print(f"eleuther: {threads} thread(s), theirs ...", file=sys.stderr, flush=True)
+        theirs_result, theirs_scores = run_eleuther_worker(python, folder, their_prompts, truths, threads, M,
+                                                           their_batch_size, repeats, count_flops=not flops)
+        if theirs_result["input_ids"] != encoded.input_ids or theirs_result["target_ids"] != targets.tolist():
+            raise RuntimeError("their tokenizer call gave other input ids / targets than PromptCodec: not like for like")
+        torch.set_num_threads(threads)
+        ig_attribution(model, first, targets[:1], m=M, layers=top, batch_size=batch_size, progress=False)  # warm-up
+        our_runs = []
+        for _ in range(repeats):
+            load = os.getloadavg()[0]
+            wall, cpu, scores = timed(ours)
+            our_runs.append({"s_per_prompt": wall / len(texts), "cpu_s_per_prompt": cpu / len(texts),
+                             "load_avg_1min": load, "load_avg_1min_end": os.getloadavg()[0]})
+            print(f"eleuther: {threads} thread(s), ours {json.dumps(our_runs[-1])}", file=sys.stderr, flush=True)
+        with mock.patch.object(kn.attribution, "quadrature", lambda m, rule: eleuther_rule(m)):
+            ours_their_rule = ours()
+        if not flops:  # the first prompt's operations on each side (load-independent; the same at any thread count)
+            ours_gflop = counted_flops(lambda: ig_attribution(model, first, targets[:1], m=M, batch_size=batch_size,
+                                                              progress=False)) / 1e9
+            flops = {"theirs_gflop_first_prompt": theirs_result["gflop_first_prompt"], "ours_gflop_first_prompt": ours_gflop,
+                     "flop_ratio": theirs_result["gflop_first_prompt"] / ours_gflop}
+        loads = [run[key] for run in (*our_runs, *theirs_result["runs"]) for key in ("load_avg_1min", "load_avg_1min_end")]
+        rows.append({
+            "threads": threads, **summarise_speed(our_runs, theirs_result["runs"]),
+            "load_avg_1min_min": min(loads), "load_avg_1min_max": max(loads),
+            "ours_runs": our_runs, "theirs_runs": theirs_result["runs"],
+            "their_torch_threads": theirs_result["torch_threads"],
+            "ours_vs_theirs_rel_diff": rel_error(scores, theirs_scores),
+            "ours_with_their_rule_vs_theirs_rel_error": rel_error(ours_their_rule, theirs_scores),
+        })
+    torch.set_num_threads(restore_threads)
+    one = next((row for row in rows if row["threads"] == 1), None)
+    return {
+        "package": ELEUTHER_REQUIREMENT, "venv": how, "model": f"{folder} (bert-base-cased shape {SHAPES['base']}, "
+        "random init, cased WordPiece vocabulary padded with [unusedK])", "m": M,
+        "prompts": n_prompts, "prompt_texts": their_prompts, "ground_truths": truths,
+        "prompt_lengths": [len(ids) for ids in encoded.input_ids], "repeats": repeats,
+        "ours_batch_size": batch_size, "their_batch_size": their_batch_size, "bar": ELEUTHER_BAR,
+        "bar_met_1_thread_wall": None if one is None else one["ratio_wall"] >= ELEUTHER_BAR,
+        "bar_met_1_thread_cpu": None if one is None else one["ratio_cpu"] >= ELEUTHER_BAR,
+        **flops, "rows": rows,
+    }
+
+
+ELEUTHER_NOTES = """\
+What each side computes (m = {m}, fp32, the same stand-in and the same token ids, checked):
+
+* Theirs (`KnowledgeNeurons.get_scores(prompt, ground_truth, batch_size={their_batch}, steps={m})`): one prompt at a
+  time, per layer one plain forward pass for the activations, then the m scaled copies of the [MASK]-row FFN
+  activation (post-GELU output of `BertIntermediate`) patched in, {their_batch} rows per forward pass through the
+  whole model (every position, the full-vocabulary MLM head at every position) and autograd back to the patch.
+  Gradient of the full-vocabulary softmax probability of the target, zero baseline.
+* Ours (`kn.attribution.ig_attribution`, batch_size={our_batch}): the same quantity per prompt and layer, with one
+  plain pass per prompt chunk (prefix caching), prompts x steps batched, only what depends on the replaced vector
+  recomputed.
+* The difference: the quadrature. Theirs takes alpha_k = k/(m-1), k = 0..m-1 (`torch.linspace(0, 1, m)`, both
+  ends) with weight 1/m each; ours (the authors' code, `alpha_rule=left`) alpha_k = k/m. So the scores differ by
+  the quadrature error ("ours vs theirs"); with their rule substituted on our side the two agree to fp32
+  rounding ("ours, their rule, vs theirs"). Parameters are frozen on both sides (gradients w.r.t. activations
+  only).
+"""
+
+
+def eleuther_markdown(section: dict) -> str:
+    lines = ["", "## EleutherAI knowledge-neurons 0.0.2", ""]
+    if "skipped" in section:
+        return "\n".join([*lines, f"Skipped: {section['skipped']}", ""])
+    lines += [
+        f"{section['model']}; {section['prompts']} ParaRel prompts ({min(section['prompt_lengths'])}-"
+        f"{max(section['prompt_lengths'])} wordpieces), medians of {section['repeats']} run(s). prompts/s per wall "
+        "second (per CPU-second of the process in parentheses); ratio = ours / theirs. Their package: "
+        f"{section['venv']}.",
+        "",
+        "| threads | theirs prompts/s | ours prompts/s | ratio | load avg (1 min) | ours vs theirs rel. diff "
+        "| ours, their rule, vs theirs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in section["rows"]:
+        lines.append(
+            f"| {r['threads']} | {r['theirs_prompts_per_s']:.4f} ({r['theirs_prompts_per_cpu_s']:.4f}) "
+            f"| {r['ours_prompts_per_s']:.3f} ({r['ours_prompts_per_cpu_s']:.3f}) "
+            f"| {r['ratio_wall']:.1f}x ({r['ratio_cpu']:.1f}x) "
+            f"| {r['load_avg_1min_min']:.1f}-{r['load_avg_1min_max']:.1f} "
+            f"| {r['ours_vs_theirs_rel_diff']:.1e} | {r['ours_with_their_rule_vs_theirs_rel_error']:.1e} |"
+        )
+    if section.get("flop_ratio") is not None:
+        lines += ["", f"FLOPs of the first prompt (torch FlopCounterMode, forward and backward): theirs "
+                      f"{section['theirs_gflop_first_prompt']:.1f} GFLOP, ours {section['ours_gflop_first_prompt']:.1f} "
+                      f"GFLOP: {section['flop_ratio']:.2f}x, the ratio at equal FLOP/s (load-independent)."]
+    if section["bar_met_1_thread_wall"] is not None:
+        verdict = "met" if section["bar_met_1_thread_wall"] and section["bar_met_1_thread_cpu"] else "NOT met"
+        lines += ["", f"Bar (ratio >= {section['bar']}x at 1 thread, wall and CPU): {verdict}."]
+    lines += ["", ELEUTHER_NOTES.format(m=section["m"], their_batch=section["their_batch_size"],
+                                        our_batch=section["ours_batch_size"])]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,base", help="comma-separated: tiny, base, tiny-gpt, gpt2")
@@ -229,6 +490,12 @@ def main() -> None:
     parser.add_argument("--gpt-ref-prompts", type=int, default=1)
     parser.add_argument("--tiny-gpt-prompts", type=int, default=30, help="fast-path prompts (kn-tiny-gpt shape)")
     parser.add_argument("--tiny-gpt-ref-prompts", type=int, default=3)
+    parser.add_argument("--eleuther", action="store_true",
+                        help="also time EleutherAI's knowledge-neurons 0.0.2 (installed into a throwaway venv)")
+    parser.add_argument("--eleuther-prompts", type=int, default=4, help="ParaRel prompts for that comparison")
+    parser.add_argument("--eleuther-threads", default="1,2", help="comma-separated torch thread counts")
+    parser.add_argument("--eleuther-batch-size", type=int, default=M,
+                        help="their get_scores batch_size (steps per forward pass; must divide m)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -239,15 +506,23 @@ def main() -> None:
     except (OSError, StopIteration):
         pass
     results = []
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         n_fast, n_ref = {"tiny": (args.tiny_prompts, args.tiny_ref_prompts), "base": (args.base_prompts, args.base_ref_prompts),
                          "gpt2": (args.gpt_prompts, args.gpt_ref_prompts),
                          "tiny-gpt": (args.tiny_gpt_prompts, args.tiny_gpt_ref_prompts)}[name]
         results.append(bench_model(name, n_fast, n_ref, args.repeats, args.batch_size))
-    meta["load_end"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "attribution.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    table = markdown(results, meta)
+    eleuther = None
+    if args.eleuther:
+        threads = [int(t) for t in args.eleuther_threads.split(",") if t]
+        eleuther = bench_eleuther(args.out, args.eleuther_prompts, threads, args.repeats, args.batch_size,
+                                  args.eleuther_batch_size, args.threads)
+    meta["load_end"] = os.getloadavg()[0]
+    payload: dict = {"meta": meta, "results": results}
+    if eleuther is not None:
+        payload["eleuther"] = eleuther
+    (args.out / "attribution.json").write_text(json.dumps(payload, indent=2) + "\n")
+    table = (markdown(results, meta) if results else "") + ("" if eleuther is None else eleuther_markdown(eleuther))
     (args.out / "attribution.md").write_text(table)
     print(table)
 

@@ -83,20 +83,42 @@ def bert_vocabulary(relations: Sequence[str] | str = "all") -> list[str]:
     return list(dict.fromkeys([*vocab, *ordered]))
 
 
+def padded_vocabulary(vocab: Sequence[str], size: int | None) -> list[str]:
+    """``vocab`` filled up to ``size`` entries with further ``[unusedK]`` tokens (K after the highest one there);
+    unchanged when ``size`` is None."""
+    vocab = list(vocab)
+    if size is None:
+        return vocab
+    if size < len(vocab):
+        raise ValueError(f"vocab_size {size} is smaller than the stand-in's {len(vocab)} tokens")
+    taken = set(vocab)
+    k = 1 + max((int(t[7:-1]) for t in vocab if t.startswith("[unused") and t[7:-1].isdigit()), default=-1)
+    while len(vocab) < size:
+        if f"[unused{k}]" not in taken:
+            vocab.append(f"[unused{k}]")
+        k += 1
+    return vocab
+
+
 def write_bert_standin(directory: Path, relations: Sequence[str] | str = "all", *, layers: int = 2, hidden: int = 32,
-                       ffn: int = 64, seed: int = 0) -> Path:
-    """A BertForMaskedLM folder (random weights) with a cased WordPiece tokenizer, as save_pretrained writes it."""
+                       ffn: int = 64, heads: int = 2, vocab_size: int | None = None, seed: int = 0) -> Path:
+    """A BertForMaskedLM folder (random weights) with a cased WordPiece tokenizer, as save_pretrained writes it.
+
+    ``vocab_size`` pads the vocabulary with ``[unusedK]`` tokens to that many entries (text never produces
+    them): ``layers=12, hidden=768, ffn=3072, heads=12, vocab_size=28996`` is bert-base-cased's shape.
+    """
     import torch
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = {token: index for index, token in enumerate(bert_vocabulary(relations))}
+    vocab = {token: index for index, token in enumerate(padded_vocabulary(bert_vocabulary(relations), vocab_size))}
     tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=False, strip_accents=False)
     tokenizer.model_max_length = 512
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=ffn, max_position_embeddings=512, pad_token_id=0)
+                        num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=512,
+                        pad_token_id=0)
     BertForMaskedLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
