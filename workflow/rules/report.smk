@@ -63,7 +63,7 @@ if COMPANIONS:
             L.benchmark(f"{RESULTS}/companions/{{companion}}")
         wildcard_constraints:
             companion="|".join(re.escape(alias) for alias in COMPANIONS),
-        threads: workflow.cores
+        threads: 1024  # Snakemake caps a job's threads at --cores: the nested run gets every core (workflow.cores would break --report)
         conda:
             CONDA_ENV
         shell:
