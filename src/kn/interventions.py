@@ -268,7 +268,7 @@ def summarize(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
 
 
 def _summary_row(relation: str, method: str, metric: str, variant: str, ratio: float, samples: np.ndarray, n: int) -> dict:
-    low, high = _percentile_ci(samples)
+    low, high = percentile_ci(samples)
     return {"relation": relation, "method": method, "metric": metric, "variant": variant, "ratio": ratio,
             "ci_low": low, "ci_high": high, "n_facts": n}
 
@@ -296,18 +296,18 @@ def summarize_dose(dose: pd.DataFrame, resamples: int, seed: int) -> pd.DataFram
             ratio = float(ratio_of_averages(delta, p0))
             samples = ratio_of_averages(delta, p0, counts) if counts is not None else np.full(1, np.nan)
             n_neurons = float(group["n_neurons"].mean())
-            rows.append([relation, method, int(k), ratio, *_percentile_ci(samples), n_neurons])
+            rows.append([relation, method, int(k), ratio, *percentile_ci(samples), n_neurons])
             per_curve.setdefault((method, int(k)), []).append((ratio, samples, n_neurons))
     for (method, k), items in sorted(per_curve.items()):
         with warnings.catch_warnings():  # all-NaN slices: NaN is the answer
             warnings.simplefilter("ignore", RuntimeWarning)
             mean_samples = np.nanmean(np.stack([s for _, s, _ in items]), axis=0)
-        rows.append(["mean", method, k, float(np.nanmean([r for r, _, _ in items])), *_percentile_ci(mean_samples),
+        rows.append(["mean", method, k, float(np.nanmean([r for r, _, _ in items])), *percentile_ci(mean_samples),
                      float(np.mean([n for _, _, n in items]))])
     return pd.DataFrame(rows, columns=list(DOSE_SUMMARY.columns))
 
 
-def _percentile_ci(samples: np.ndarray) -> tuple[float, float]:
+def percentile_ci(samples: np.ndarray) -> tuple[float, float]:
     """95% percentile interval of the finite bootstrap samples (NaN when there are none)."""
     finite = samples[np.isfinite(samples)]
     if not finite.size:

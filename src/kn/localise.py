@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from kn.hooks import attention_output_hooks, ffn_hooks
-from kn.interventions import bootstrap_counts, ratio_of_averages
+from kn.interventions import bootstrap_counts, percentile_ci, ratio_of_averages
 from kn.models.adapters import adapter_for
 from kn.models.encoding import MASK_LITERAL, EncodedPrompts, PromptCodec, bos_prefix, cut_before_mask
 from kn.models.forward import score_targets
@@ -168,16 +168,24 @@ def _zeroing_edit(model: nn.Module, ablation: Ablation, subjects: Sequence[Seque
     hooks = ffn_hooks if ablation.component == "ffn" else attention_output_hooks
 
     def edit(items: Sequence[int], targets: torch.Tensor) -> ContextManager[None]:
+        masks: dict[tuple[int, int], torch.Tensor] = {}  # one per batch shape, shared by every hooked layer
+
+        def positions_of(output: torch.Tensor) -> torch.Tensor:
+            shape = (int(output.shape[0]), int(output.shape[1]))
+            if shape not in masks:
+                where = torch.zeros(shape, dtype=torch.bool, device=output.device)
+                if ablation.positions == "all":
+                    where[:] = True
+                elif ablation.positions == "mask":
+                    where[torch.arange(len(items), device=output.device), targets.to(output.device)] = True
+                else:
+                    for row, item in enumerate(items):
+                        where[row, list(subjects[item])] = True
+                masks[shape] = where[..., None]
+            return masks[shape]
+
         def zero(output: torch.Tensor) -> torch.Tensor:
-            where = torch.zeros(output.shape[:2], dtype=torch.bool, device=output.device)
-            if ablation.positions == "all":
-                where[:] = True
-            elif ablation.positions == "mask":
-                where[torch.arange(len(items), device=output.device), targets.to(output.device)] = True
-            else:
-                for row, item in enumerate(items):
-                    where[row, list(subjects[item])] = True
-            return output.masked_fill(where[..., None], 0.0)
+            return output.masked_fill(positions_of(output), 0.0)
 
         return hooks(model, {layer: zero for layer in ablation.layers})
 
@@ -215,14 +223,6 @@ def ablated_gold_probabilities(
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
-def _percentiles(values: np.ndarray) -> tuple[float, float]:
-    finite = values[np.isfinite(values)]
-    if not len(finite):
-        return float("nan"), float("nan")
-    low, high = np.percentile(finite, [2.5, 97.5])
-    return float(low), float(high)
-
-
 def summarise_localisation(per_prompt: pd.DataFrame, columns: Sequence[str], resamples: int = 1000,
                            seed: int = 0) -> pd.DataFrame:
     """Relative change of the gold probability per relation and overall, with 95% bootstrap CIs.
@@ -258,7 +258,7 @@ def summarise_localisation(per_prompt: pd.DataFrame, columns: Sequence[str], res
             if counts is not None:
                 resampled = ratio_of_averages(delta[None, :], p0[None, :], counts)
                 boot[column].append(resampled)
-                low, high = _percentiles(resampled)
+                low, high = percentile_ci(resampled)
             row[f"{column}_ci_low"], row[f"{column}_ci_high"] = low, high
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -268,7 +268,7 @@ def summarise_localisation(per_prompt: pd.DataFrame, columns: Sequence[str], res
         overall[column] = float(np.nanmean(table[column].to_numpy()))
         low = high = float("nan")
         if resamples > 0:
-            low, high = _percentiles(np.nanmean(np.stack(boot[column]), axis=0))
+            low, high = percentile_ci(np.nanmean(np.stack(boot[column]), axis=0))
         overall[f"{column}_ci_low"], overall[f"{column}_ci_high"] = low, high
     order = ["relation", "n_facts", "n_prompts", "p0"] + [f"{c}{s}" for c in columns for s in ("", "_ci_low", "_ci_high")]
     return pd.concat([table, pd.DataFrame([overall])], ignore_index=True)[order]
