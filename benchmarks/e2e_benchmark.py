@@ -7,9 +7,12 @@ Snakemake runs from the repository root with ``results_dir`` pointed at a separa
 so ``results/`` is never touched. Per-stage numbers come from the ``benchmark:`` file of
 every job (``<results_dir>/benchmarks/**.tsv``), attributed to its rule through the job
 listing Snakemake prints, and summed per rule; the total is the wall time of the whole
-``snakemake`` call (which includes Snakefile parsing and scheduling). Parallel efficiency is
-the summed job CPU / (wall x cores); the CPU of everything the call started (scheduler included,
-``RUSAGE_CHILDREN``) gives the same ratio with the scheduler counted. The 1-minute load average
+``snakemake`` call (which includes Snakefile parsing and scheduling). Jobs run through the stage
+worker (kn.worker), whose forked job processes are not children of the job Snakemake measures: each
+job's CPU seconds and peak RSS come from the worker's usage records (``KN_WORKER_USAGE``), added to
+its benchmark row. Parallel efficiency is the summed job CPU / (wall x cores); the CPU of everything
+the call started (scheduler and clients, ``RUSAGE_CHILDREN``, plus the worker's jobs and its start-up
+imports) gives the same ratio with the scheduler counted. The 1-minute load average
 is sampled every 15 s: the machine may be shared, so read it before the numbers. ``--runs N``
 repeats the run from a clean folder and reports medians; ``--rerun-check P101`` then lists the
 jobs ``snakemake -n`` would run after a one-relation override. Writes ``report.md``,
@@ -29,11 +32,14 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from kn.worker import STARTUP_STAGE
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
@@ -85,8 +91,22 @@ def _number(text: str | None) -> float:
         return 0.0
 
 
-def summarise(results_dir: Path, log_text: str) -> list[StageTime]:
-    """Per-rule sums over every ``<results_dir>/benchmarks/**.tsv``, slowest rule first."""
+def read_usage(path: Path) -> list[dict]:
+    """The worker's usage records (one JSON object per line; none if the file does not exist)."""
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not a JSON usage record ({exc})") from exc
+    return records
+
+
+def summarise(results_dir: Path, log_text: str, usage: Sequence[dict] = ()) -> list[StageTime]:
+    """Per-rule sums over every ``<results_dir>/benchmarks/**.tsv`` plus the worker's job records
+    (a rule's stage has the rule's name), slowest rule first."""
     rules = benchmark_rules(log_text)
     stages: dict[str, StageTime] = {}
     for path in sorted((results_dir / "benchmarks").rglob("*.tsv")):
@@ -98,6 +118,14 @@ def summarise(results_dir: Path, log_text: str) -> list[StageTime]:
         stage.cpu_s += row.get("cpu_time", 0.0)
         stage.max_rss_mb = max(stage.max_rss_mb, row.get("max_rss", 0.0))
         stage.job_wall_s.append(row.get("s", 0.0))
+    for record in usage:
+        if record["stage"] == STARTUP_STAGE:  # a server's imports: no job's
+            continue
+        stage = stages.get(record["stage"])
+        if stage is None:
+            raise ValueError(f"worker ran stage {record['stage']!r}, but no job of a rule of that name left a benchmark")
+        stage.cpu_s += float(record.get("cpu_s", 0.0))
+        stage.max_rss_mb = max(stage.max_rss_mb, float(record.get("max_rss_mb", 0.0)))
     return sorted(stages.values(), key=lambda s: (-s.wall_s, s.rule))
 
 
@@ -167,18 +195,24 @@ def one_run(args: argparse.Namespace, results_dir: Path, out: Path) -> dict | No
     targets = [str(results_dir / t) for t in args.target]
     command = [sys.executable, "-m", "snakemake", *targets, "--cores", str(args.cores), *args.snakemake_arg,
                "--config", f"overrides={json.dumps(overrides)}"]
-    log_path = out / "snakemake.log"
+    log_path, usage_path = out / "snakemake.log", out / "worker_usage.jsonl"
+    usage_path.unlink(missing_ok=True)
+    # A fresh worker folder: the run starts its own server, whose imports are counted.
+    env = {**os.environ, "KN_WORKER_USAGE": str(usage_path), "KN_WORKER_DIR": tempfile.mkdtemp(prefix="knwb")}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with LoadSampler() as load, open(log_path, "w", encoding="utf-8") as log:
         start = time.perf_counter()
-        returncode = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        returncode = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    check=False).returncode
         total = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if returncode != 0:
         print(f"snakemake failed (exit {returncode}); see {log_path}", file=sys.stderr)
         return None
-    stages = summarise(results_dir, log_path.read_text(encoding="utf-8"))
-    all_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    usage = read_usage(usage_path)
+    stages = summarise(results_dir, log_path.read_text(encoding="utf-8"), usage)
+    all_cpu = ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+               + sum(float(r.get("cpu_s", 0.0)) for r in usage))
     context = {
         "snakemake_args": " ".join([*args.target, "--cores", str(args.cores), *args.snakemake_arg,
                                     "--config", f"overrides={json.dumps(overrides)}"]),

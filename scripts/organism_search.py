@@ -53,11 +53,11 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the ceiling CIs")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.train.lr=0.0005")
     args = parser.parse_args()
-    torch.set_num_threads(1)
     out = args.out / args.name
     out.mkdir(parents=True, exist_ok=True)
     cfg = compose_config(args.overrides)
     recipe = TrainConfig(**to_container(cfg.model.train))
+    torch.set_num_threads(recipe.threads)  # as train_model does: the same recipe gives the same weights
     resources = Path(cfg.data.resources_dir)
     prompts, facts = build_bags(resources, "all", cfg.data.max_facts_per_relation)
     pairs = read_query_pairs(resources / "query_pairs.json")

@@ -45,6 +45,7 @@ class TrainConfig:
     freeze_word_embeddings: bool  # token embeddings stay at their random init (BERT only)
     word_embedding_std: Optional[float]  # redraw token embeddings from N(0, std^2); null keeps BERT's init (BERT only)
     freeze_mlm_transform: bool  # the MLM head's dense transform stays at its random init (BERT only)
+    threads: int  # torch intra-op threads; the weights depend on it in the last bits, so it is part of the recipe
 
 
 @dataclass

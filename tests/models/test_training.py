@@ -37,7 +37,7 @@ TINY_RECIPE = TrainConfig(
     target_accuracy=None, eval_every=100, eval_sample=64, batch_size=32, lr=3e-3, weight_decay=0.0,
     warmup_steps=10, other_mask_prob=0.15, heldout_templates=1, heldout_min_templates=5, vocab_size=600,
     architecture="bert", tie_word_embeddings=True, freeze_word_embeddings=False, word_embedding_std=None,
-    freeze_mlm_transform=False,
+    freeze_mlm_transform=False, threads=1,
 )
 SHORT = replace(TINY_RECIPE, max_steps=12, eval_every=6)
 

@@ -20,6 +20,7 @@ rule attribute:
     # On the shared 2-core machine (load 4-8) a 2-thread job took 1.6-7x the wall and CPU time of
     # a 1-thread job on the same shard (OpenMP threads spin while the other one is descheduled).
     threads: 1
+    priority: PRIORITY["attribute"]
     resources:
         # the trained organism is small; a pretrained BERT-base/large with batch 64 needs a few GB
         mem_mb=2000 if TRAINED else 8000,
@@ -27,7 +28,7 @@ rule attribute:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.attribute --relation {wildcards.relation} --shard {wildcards.shard} "
+        "python -m kn.worker attribute --relation {wildcards.relation} --shard {wildcards.shard} "
         "--threads {threads} --in data={input.data} {params.model} --out scores={output.scores} "
         "--out prompts={output.prompts} {params.overrides} > {log} 2>&1"
 

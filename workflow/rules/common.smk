@@ -49,6 +49,12 @@ onstart:
         write_text(os.environ[RUN_CONFIG_ENV], RUN_CONFIG_TEXT)
 
 
+# Job order when cores are few (Snakemake runs the highest priority first): the long single edit jobs
+# start as soon as their inputs exist, and the jobs that unlock others (probe -> attribute -> refine)
+# come before the per-relation leaves (evaluate, localise, distant), which fill the cores to the end.
+PRIORITY = {"edit_update": 30, "edit_erase": 25, "attribute": 20, "refine": 20, "probe": 10}
+
+
 wildcard_constraints:
     relation=r"P\d+",
     model=r"[A-Za-z0-9_.\-]+",

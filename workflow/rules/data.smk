@@ -18,7 +18,7 @@ rule ingest_relation:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.ingest_relation --relation {wildcards.relation} --out prompts={output} "
+        "python -m kn.worker ingest_relation --relation {wildcards.relation} --out prompts={output} "
         "{params.overrides} > {log} 2>&1"
 
 
@@ -42,7 +42,7 @@ rule ingest:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.ingest {params.relations} --out prompts={output.prompts} --out facts={output.facts} "
+        "python -m kn.worker ingest {params.relations} --out prompts={output.prompts} --out facts={output.facts} "
         "--out stats={output.stats} {params.overrides} > {log} 2>&1"
 
 

@@ -34,7 +34,7 @@ rule distant:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.distant --relation {wildcards.relation} --threads {threads} {params.model} "
+        "python -m kn.worker distant --relation {wildcards.relation} --threads {threads} {params.model} "
         "--in data={input.data} --in neurons={input.neurons} --in sentences={input.sentences} "
         "--in sentence_stats={input.sentence_stats} --out facts={output.facts} --out sentences={output.sentences} "
         "--out activations={output.activations} {params.overrides} > {log} 2>&1"
@@ -64,7 +64,7 @@ rule distant_summary:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.distant_summary {params.tables} --out fact_means={output.fact_means} "
+        "python -m kn.worker distant_summary {params.tables} --out fact_means={output.fact_means} "
         "--out by_relation={output.by_relation} --out overall={output.overall} --out usability={output.usability} "
         "--out markdown={output.markdown} --out figure_png={output.figure_png} --out figure_pdf={output.figure_pdf} "
         "{params.overrides} > {log} 2>&1"
@@ -96,7 +96,7 @@ rule distant_triggers:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.distant_triggers --relation {wildcards.relation} --in data={input.data} "
+        "python -m kn.worker distant_triggers --relation {wildcards.relation} --in data={input.data} "
         "--in facts={input.facts} --in sentences={input.sentences} --in activations={input.activations} "
         "--out markdown={output.markdown} {params.overrides} > {log} 2>&1"
 

@@ -23,13 +23,14 @@ rule edit_update:
     benchmark:
         L.benchmark(L.path("edit/update"))
     threads: 1
+    priority: PRIORITY["edit_update"]
     resources:
         mem_mb=3000,
         gpu=GPU,
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.edit_update --threads {threads} {params.study} {params.model} --out update={output.edits} "
+        "python -m kn.worker edit_update --threads {threads} {params.study} {params.model} --out update={output.edits} "
         "--out summary_csv={output.summary_csv} --out summary_md={output.summary_md} "
         "{params.overrides} > {log} 2>&1"
 
@@ -50,13 +51,14 @@ rule edit_erase:
     benchmark:
         L.benchmark(L.path("edit/erase"))
     threads: 1
+    priority: PRIORITY["edit_erase"]
     resources:
         mem_mb=3000,
         gpu=GPU,
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.edit_erase --threads {threads} {params.study} {params.model} --out erase_csv={output.erase_csv} "
+        "python -m kn.worker edit_erase --threads {threads} {params.study} {params.model} --out erase_csv={output.erase_csv} "
         "--out erase_md={output.erase_md} {params.overrides} > {log} 2>&1"
 
 

@@ -28,7 +28,7 @@ rule evaluate:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.evaluate --relation {wildcards.relation} --threads {threads} {params.model} "
+        "python -m kn.worker evaluate --relation {wildcards.relation} --threads {threads} {params.model} "
         "--in neurons={input.neurons} {params.shards} {params.data} "
         "--out results={output.results} --out dose={output.dose} {params.overrides} > {log} 2>&1"
 
@@ -61,7 +61,7 @@ rule evaluate_summary:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.evaluate_summary {params.tables} "
+        "python -m kn.worker evaluate_summary {params.tables} "
         "--out json={output.json} --out csv={output.csv} --out markdown={output.markdown} "
         "--out dose_csv={output.dose_csv} --out suppress_png={output.suppress_png} "
         "--out suppress_pdf={output.suppress_pdf} --out amplify_png={output.amplify_png} "

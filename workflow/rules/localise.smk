@@ -22,7 +22,7 @@ rule localise:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.localise --relation {wildcards.relation} --threads {threads} {params.model} "
+        "python -m kn.worker localise --relation {wildcards.relation} --threads {threads} {params.model} "
         "--in data={input.data} --out results={output.results} {params.overrides} > {log} 2>&1"
 
 
@@ -47,7 +47,7 @@ rule localise_summary:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.localise_summary {params.tables} --out csv={output.csv} --out json={output.json} "
+        "python -m kn.worker localise_summary {params.tables} --out csv={output.csv} --out json={output.json} "
         "--out png={output.png} --out pdf={output.pdf} {params.overrides} > {log} 2>&1"
 
 

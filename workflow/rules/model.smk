@@ -16,13 +16,13 @@ if TRAINED:
             L.log(L.path("training/train_model")),
         benchmark:
             L.benchmark(L.path("training/train_model"))
-        threads: 1
+        threads: CFG.model.train.threads  # the stage runs that many torch threads even if --cores grants fewer
         resources:
             mem_mb=4000,
         conda:
             CONDA_ENV
         shell:
-            "python -m kn.stages.train_model --threads {threads} --out model={output.model} "
+            "python -m kn.worker train_model --out model={output.model} "
             "--out card={output.card} --out metrics={output.metrics} --out loss={output.loss} "
             "{params.overrides} > {log} 2>&1"
 
@@ -43,13 +43,14 @@ rule probe:
     benchmark:
         L.benchmark(L.probe("{relation}"))
     threads: 1
+    priority: PRIORITY["probe"]
     resources:
         mem_mb=3000,
         gpu=GPU,
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.probe --relation {wildcards.relation} --threads {threads} --in data={input.data} "
+        "python -m kn.worker probe --relation {wildcards.relation} --threads {threads} --in data={input.data} "
         "{params.model} --out probe={output} {params.overrides} > {log} 2>&1"
 
 
@@ -77,7 +78,7 @@ rule probe_summary:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.probe_summary --threads {threads} {params.tables} {params.model} "
+        "python -m kn.worker probe_summary --threads {threads} {params.tables} {params.model} "
         "--out csv={output.csv} --out md={output.md} {params.overrides} > {log} 2>&1"
 
 

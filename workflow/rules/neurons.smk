@@ -15,12 +15,13 @@ rule refine:
     benchmark:
         L.benchmark(L.neurons("{relation}"))
     threads: 1
+    priority: PRIORITY["refine"]
     resources:
         mem_mb=1000,
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.refine --relation {wildcards.relation} {params.shards} "
+        "python -m kn.worker refine --relation {wildcards.relation} {params.shards} "
         "--out neurons={output.neurons} --out summary={output.summary} {params.overrides} > {log} 2>&1"
 
 
@@ -49,7 +50,7 @@ rule kn_analysis:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.kn_analysis {params.tables} "
+        "python -m kn.worker kn_analysis {params.tables} "
         "--out stats={output.stats} --out table={output.table} --out markdown={output.markdown} "
         "--out per_relation={output.per_relation} --out layers={output.layers} "
         "--out figure_png={output.figure_png} --out figure_pdf={output.figure_pdf} "

@@ -97,7 +97,7 @@ rule summary:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.stages.summary {params.inputs} {params.benchmarks} --out markdown={output.markdown} "
+        "python -m kn.worker summary {params.inputs} {params.benchmarks} --out markdown={output.markdown} "
         "--out table={output.table} --out html={output.html} {params.overrides} > {log} 2>&1"
 
 

@@ -32,7 +32,7 @@ if SWEEP_VARIANTS:
             CONDA_ENV
         shell:
             "(snakemake --snakefile {params.snakefile} --cores {threads} {params.targets} "
-            "--config {params.config} && python -m kn.stages.sweep_collect --variant {wildcards.variant} {params.inputs} "
+            "--config {params.config} && python -m kn.worker sweep_collect --variant {wildcards.variant} {params.inputs} "
             "--out record={output} {params.overrides}) > {log} 2>&1"
 
     rule sweep_summary:
@@ -61,7 +61,7 @@ if SWEEP_VARIANTS:
         conda:
             CONDA_ENV
         shell:
-            "python -m kn.stages.sweep_summary {params.records} --out csv={output.csv} "
+            "python -m kn.worker sweep_summary {params.records} --out csv={output.csv} "
             "--out markdown={output.md} --out json={output.json} --out figure_png={output.png} "
             "--out figure_pdf={output.pdf} --out confidence_png={output.confidence_png} "
             "--out confidence_pdf={output.confidence_pdf} --out ceiling_png={output.ceiling_png} "

@@ -42,6 +42,7 @@ def main(args: StageArgs) -> None:
     if cfg.model.source != "trained" or cfg.model.train is None:
         raise SystemExit(f"train_model needs model.source=trained with model.train set (model.name={cfg.model.name})")
     recipe = TrainConfig(**to_container(cfg.model.train))
+    torch.set_num_threads(recipe.threads)  # the recipe's, whatever the scheduler granted: same config, same weights
     resources = Path(cfg.data.resources_dir)
     prompts, facts = build_bags(resources, "all", cfg.data.max_facts_per_relation)
     pairs = read_query_pairs(resources / "query_pairs.json")
