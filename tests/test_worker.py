@@ -133,3 +133,17 @@ def test_the_server_key_follows_import_time_environment(monkeypatch) -> None:
     offline = worker.server_key()
     monkeypatch.setenv("KN_GPU_IDS", "2")
     assert worker.server_key() == offline
+
+
+@pytest.mark.parametrize(("setting", "slurm", "wanted"), [(None, None, True), (None, "42", False), ("1", "42", True),
+                                                          ("0", None, False)])
+def test_when_the_worker_is_used(monkeypatch, setting, slurm, wanted) -> None:
+    for name, value in (("KN_WORKER", setting), ("SLURM_JOB_ID", slurm)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert worker.worker_wanted() is wanted
+    monkeypatch.setenv("KN_WORKER", "yes")
+    with pytest.raises(SystemExit, match="KN_WORKER='yes'; expected 0"):
+        worker.worker_wanted()

@@ -15,7 +15,8 @@ peak memory, and kills the job if the client goes away (Snakemake killing a job 
 The first client starts the server (one per interpreter, ``sys.path``, kn source state and
 import-time environment, so editing the code or switching environments starts a fresh one); the
 server exits after ``KN_WORKER_IDLE`` seconds without jobs (default 120). ``KN_WORKER=0`` runs
-every job cold; if the server cannot be reached the client runs the job cold itself. A job's
+every job cold, and so does a job under SLURM (each on its own allocation, where no server would be
+reused) unless ``KN_WORKER=1``; if the server cannot be reached the client runs the job cold itself. A job's
 outputs are the same either way (tests/test_worker.py). ``KN_WORKER_USAGE=<file>`` appends one
 JSON line per job with its CPU seconds and peak RSS (benchmarks/e2e_benchmark.py reads them,
 since Snakemake's own benchmark only sees the client).
@@ -191,6 +192,16 @@ def record_usage(stage: str, args: list[str], reply: dict[str, Any]) -> None:
         os.close(fd)
 
 
+def worker_wanted() -> bool:
+    """``KN_WORKER`` 1 or 0; unset: yes, except in a SLURM job."""
+    setting = os.environ.get("KN_WORKER")
+    if setting is not None:
+        if setting not in ("0", "1"):
+            raise SystemExit(f"kn.worker: KN_WORKER={setting!r}; expected 0 (run jobs cold) or 1 (use the worker)")
+        return setting == "1"
+    return not os.environ.get("SLURM_JOB_ID")
+
+
 def run_cold(module: str, args: list[str]) -> NoReturn:
     os.execv(sys.executable, [sys.executable, "-m", module, *args])
 
@@ -201,7 +212,7 @@ def client(argv: list[str]) -> int:
         return 0 if argv else 2
     stage, args = argv[0], argv[1:]
     module = stage_module(stage)
-    if os.environ.get("KN_WORKER", "1") == "0":
+    if not worker_wanted():
         run_cold(module, args)
     try:
         reply = submit(stage, args)
