@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -87,6 +89,9 @@ def test_the_job_dies_with_its_client(worker_env, probe_inputs, monkeypatch) -> 
     for name, value in worker_env.items():
         monkeypatch.setenv(name, value)
     conn = worker.connect_or_start()
+    server_pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+    parent_of_server = int(Path(f"/proc/{server_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert parent_of_server != os.getpid()  # a daemon: no job's process tree (or benchmark) holds the server
     out = probe_inputs["root"] / "never.parquet"
     # Training 10^6 steps: the job would run for hours unless stopped.
     args = ["--out", f"model={out}", "--out", f"card={out}.md", "--out", f"metrics={out}.json", "--out",

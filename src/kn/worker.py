@@ -33,7 +33,6 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -132,11 +131,37 @@ def _connect(path: Path) -> socket.socket | None:
     return conn
 
 
-def _start_server(path: Path, log_path: Path) -> subprocess.Popen:
+def _start_server(path: Path, log_path: Path) -> int:
+    """Start a server as a daemon (double fork, own session) and return its pid. It must not be the
+    client's descendant: Snakemake's benchmark of this job would count every job the server runs."""
     path.unlink(missing_ok=True)  # a dead server's socket
-    with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "kn.worker", "--serve", str(path)], stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True, close_fds=True)
+    read_end, write_end = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.setsid()
+            server = os.fork()
+            if server == 0:
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                for target, fd in ((0, devnull), (1, log), (2, log)):
+                    os.dup2(fd, target)
+                os.execv(sys.executable, [sys.executable, "-m", "kn.worker", "--serve", str(path)])
+            os.write(write_end, str(server).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(middle, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        return int(pipe.read() or 0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return pid > 0
 
 
 def connect_or_start() -> socket.socket:
@@ -157,10 +182,11 @@ def connect_or_start() -> socket.socket:
             conn = _connect(path)
             if conn is not None:
                 return conn
-            if server.poll() is not None:
-                raise WorkerUnavailable(f"the worker server exited with status {server.returncode}; see {log_path}")
+            if not _alive(server):
+                raise WorkerUnavailable(f"the worker server exited before it was ready; see {log_path}")
             time.sleep(0.05)
-        server.kill()
+        if _alive(server):
+            os.kill(server, signal.SIGKILL)
         raise WorkerUnavailable(f"the worker server did not start within {START_TIMEOUT_S:.0f} s; see {log_path}")
 
 
