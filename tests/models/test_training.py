@@ -162,6 +162,21 @@ def test_training_is_deterministic_under_its_seed(prompts, all_objects):
     assert other_seed.history.step_loss != first.history.step_loss
 
 
+def test_two_thread_training_is_deterministic(prompts, all_objects):
+    """kn-tiny trains on 2 threads (model.train.threads): at its layer width the parallel kernels
+    run, and a rerun still gives the same weights bit for bit."""
+    wide = replace(TINY_RECIPE, hidden_size=256, intermediate_size=1024, num_heads=4, batch_size=64, max_steps=6,
+                   eval_every=6, threads=2)
+    torch.set_num_threads(wide.threads)
+    try:
+        first, second = train_organism(prompts, all_objects, wide), train_organism(prompts, all_objects, wide)
+    finally:
+        torch.set_num_threads(1)
+    assert second.history.step_loss == first.history.step_loss
+    weights, again = first.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
 def test_heldout_templates_are_never_trained_on(organism, prompts):
     counts = prompts.groupby("relation")["template_id"].nunique().to_dict()
     assert organism.heldout == choose_heldout_templates(counts, 1, 5, TINY_RECIPE.seed)
