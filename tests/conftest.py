@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,18 @@ def build_tiny_bert(directory: Path, num_layers: int = 2, hidden: int = 32, ffn:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture
+def broken_patterns(tmp_path: Path) -> Path:
+    """A copy of the ParaRel resources whose P101 pattern file has a broken JSON line 2."""
+    root = tmp_path / "pararel"
+    shutil.copytree(RESOURCES, root, ignore=shutil.ignore_patterns("*.gz"))
+    path = root / "patterns" / "P101.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].rstrip("}")
+    path.write_text("\n".join(lines) + "\n")
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -30,18 +30,6 @@ def _stage_error(main, argv: list[str]) -> str:
     return str(info.value.code)
 
 
-@pytest.fixture
-def broken_patterns(tmp_path: Path) -> Path:
-    """A copy of the ParaRel resources whose P101 pattern file has a broken JSON line 2."""
-    root = tmp_path / "pararel"
-    shutil.copytree(RESOURCES, root, ignore=shutil.ignore_patterns("*.gz"))
-    path = root / "patterns" / "P101.jsonl"
-    lines = path.read_text().splitlines()
-    lines[1] = lines[1].rstrip("}")
-    path.write_text("\n".join(lines) + "\n")
-    return root
-
-
 # --- malformed resource files -------------------------------------------------------------
 
 

@@ -71,14 +71,8 @@ def test_a_job_through_the_worker_writes_what_the_cold_job_writes(worker_env, pr
     assert [r["stage"] for r in records].count(worker.STARTUP_STAGE) == 1  # one server served both jobs
 
 
-def test_a_failing_job_exits_and_reports_as_the_cold_one(worker_env, tmp_path) -> None:
-    root = tmp_path / "pararel"
-    shutil.copytree(RESOURCES, root, ignore=shutil.ignore_patterns("*.gz"))
-    path = root / "patterns" / "P101.jsonl"
-    lines = path.read_text().splitlines()
-    lines[1] = lines[1].rstrip("}")
-    path.write_text("\n".join(lines) + "\n")
-    args = ("--relation", "P101", f"--out=prompts={tmp_path / 'out.parquet'}", f"data.resources_dir={root}")
+def test_a_failing_job_exits_and_reports_as_the_cold_one(worker_env, broken_patterns, tmp_path) -> None:
+    args = ("--relation", "P101", f"--out=prompts={tmp_path / 'out.parquet'}", f"data.resources_dir={broken_patterns}")
     cold, warm = (_stage(worker_env, "ingest_relation", *args, warm=w) for w in (False, True))
     assert cold.returncode == warm.returncode == 1
     assert warm.stderr.strip().splitlines()[-1] == cold.stderr.strip().splitlines()[-1]
