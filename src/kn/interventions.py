@@ -27,7 +27,8 @@ from transformers import PreTrainedTokenizerBase
 
 from kn.hooks import scale_neurons_per_row
 from kn.models.encoding import EncodedPrompts, PromptCodec, encode_prompts, object_token_id
-from kn.models.forward import score_continuations, score_targets
+from kn.models.adapters import adapter_for
+from kn.models.forward import plain_states, score_continuations, score_targets
 from kn.paper_numbers import paper_values
 from kn.tables import DOSE, DOSE_SUMMARY, EFFECT_SUMMARY, EVALUATION, METHODS, Neuron
 
@@ -52,6 +53,13 @@ class Intervention:
         return (self.prompt, tuple(sorted(self.neurons)), float(self.factor))
 
 
+def first_scaled_layer(item: Intervention) -> int | None:
+    """The lowest layer whose activations ``item`` changes; None when it changes none (the plain model)."""
+    if not item.neurons or item.factor == 1.0:
+        return None
+    return min(int(layer) for layer, _ in item.neurons)
+
+
 def gold_probabilities(
     model: nn.Module,
     encoded: EncodedPrompts,
@@ -67,8 +75,10 @@ def gold_probabilities(
 
     Identical rows (same prompt, neurons and factor; every empty set is the plain model) are
     computed once. Rows with different neuron sets share a batch (kn.models.forward), each
-    scaled by :func:`kn.hooks.scale_neurons_per_row`. ``continuations`` (causal LMs, the
-    ``sequence`` target): per prompt the object's tokens, scored P(all of them), teacher-forced.
+    scaled by :func:`kn.hooks.scale_neurons_per_row`; on a masked LM whose adapter can re-enter
+    its blocks, each row resumes at the lowest layer it scales, from its prompt's unedited pass
+    (kn.models.forward.PlainStates). ``continuations`` (causal LMs, the ``sequence`` target): per
+    prompt the object's tokens, scored P(all of them), teacher-forced.
     """
     unique: dict[tuple, int] = {}
     todo: list[Intervention] = []
@@ -85,9 +95,15 @@ def gold_probabilities(
                                     items=[item.prompt for item in todo], edit=scaled,
                                     progress="forward batches" if progress else None).prob
     else:
+        first_edited = [first_scaled_layer(item) for item in todo]
+        resume = None
+        if adapter_for(model).resumable:
+            resume = plain_states(model, encoded, [item.prompt for item in todo],
+                                  [layer for layer in first_edited if layer is not None], batch_size=batch_size)
         scores = score_targets(model, encoded, [gold_ids[item.prompt] for item in todo], batch_size=batch_size,
                                items=[item.prompt for item in todo], edit=scaled,
-                               progress="forward batches" if progress else None)
+                               progress="forward batches" if progress else None,
+                               resume=resume, first_edited=first_edited if resume is not None else None)
         probs = scores.prob.astype(np.float64)
     return np.array([probs[unique[item.key()]] for item in rows], dtype=np.float64)
 

@@ -49,7 +49,7 @@ from kn.hooks import attention_output_hooks, ffn_hooks
 from kn.interventions import bootstrap_counts, percentile_ci, ratio_of_averages
 from kn.models.adapters import adapter_for
 from kn.models.encoding import MASK_LITERAL, EncodedPrompts, PromptCodec, bos_prefix, cut_before_mask
-from kn.models.forward import score_targets
+from kn.models.forward import plain_states, score_targets
 
 COMPONENTS = ("ffn", "attn")
 POSITIONS = ("mask", "subject", "all")
@@ -215,10 +215,17 @@ def ablated_gold_probabilities(
         bad = [k for k in ablation.layers if not 0 <= k < n_layers]
         if bad:
             raise IndexError(f"{ablation.name}: layers {bad} out of range: model has {n_layers} layers")
-    out = {"p0": score_targets(model, encoded, gold_ids, batch_size=batch_size).prob.astype(np.float64)}
+    resume = None  # each ablated pass resumes at its lowest ablated layer (kn.models.forward.PlainStates)
+    if adapter_for(model).resumable:
+        resume = plain_states(model, encoded, range(n), [min(a.layers) for a in ablations if a.layers],
+                              batch_size=batch_size)
+    out = {"p0": score_targets(model, encoded, gold_ids, batch_size=batch_size, resume=resume,
+                               first_edited=[None] * n if resume is not None else None).prob.astype(np.float64)}
     for ablation in ablations:
         edit = _zeroing_edit(model, ablation, subjects)
-        out[ablation.name] = score_targets(model, encoded, gold_ids, batch_size=batch_size, edit=edit).prob.astype(np.float64)
+        first = min(ablation.layers) if ablation.layers else None
+        out[ablation.name] = score_targets(model, encoded, gold_ids, batch_size=batch_size, edit=edit, resume=resume,
+                                           first_edited=[first] * n if resume is not None else None).prob.astype(np.float64)
     return out
 
 

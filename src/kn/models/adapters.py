@@ -32,7 +32,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from kn.models.blocks import Dense, EncoderBlock, Norm
+from kn.models.blocks import Dense, EncoderBlock, Norm, attention_bias
 
 
 class Adapter:
@@ -111,6 +111,13 @@ class Adapter:
         """The longest input (special tokens included) the position embeddings take."""
         return int(getattr(self.config, "max_position_embeddings", 512))
 
+    resumable: ClassVar[bool] = False  # whether run_blocks_from can re-enter the blocks (kn.models.forward)
+
+    def run_blocks_from(self, layer: int, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """Blocks ``layer`` .. top of the HF model on ``hidden`` (block ``layer``'s input ``[B, T, H]``,
+        ``attention_mask`` ``[B, T]`` 0/1): the last hidden state. The HF modules run, so hooks on them fire."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resume a pass at a block")
+
     # ------------------------------------------------------------------------------ integrated gradients
     def functional_blocks(self) -> list[EncoderBlock]:
         """The blocks as functions for prefix-cached integrated gradients (kn.attribution)."""
@@ -141,6 +148,14 @@ class BertFamily(Adapter):
         if self.config.model_type in ("roberta", "xlm-roberta", "camembert"):
             limit -= int(self.config.pad_token_id) + 1  # positions start after padding_idx
         return limit
+
+    resumable = True
+
+    def run_blocks_from(self, layer: int, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        bias = attention_bias(attention_mask, hidden.dtype)  # [B, 1, 1, T] additive: what HF's encoder layers take
+        for block in list(self.blocks())[layer:]:
+            hidden = block(hidden, bias)
+        return hidden
 
     def functional_blocks(self) -> list[EncoderBlock]:
         if getattr(self.config, "is_decoder", False):

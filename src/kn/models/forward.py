@@ -13,6 +13,12 @@ at every position of a teacher-forced continuation (the object's tokens after th
 
 Padding never changes a result: padded keys get attention weight exactly 0 (SPEC §1); causal LMs
 are right-padded, so every real token keeps its position.
+
+Edits at the target position of layer l (scaled neurons, zeroed sublayers) leave every block below l
+as it was, so a pass under such an edit can resume at block l from the prompt's unedited pass
+(:class:`PlainStates`) instead of starting again from the embeddings; an item that no edit reaches
+reads the unedited logits. Masked LMs whose adapter can re-enter its blocks (``Adapter.resumable``)
+take this path when the caller says, per item, the first block its edit changes.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kn.hooks import capture_activations
-from kn.models.adapters import adapter_for, model_device
+from kn.models.adapters import Adapter, adapter_for, model_device
 from kn.models.encoding import EncodedPrompts, pad_sequences
 
 BatchEdit = Callable[[Sequence[int], Tensor], ContextManager]  # (items of the batch, positions) -> context
@@ -64,6 +70,38 @@ class TargetBatch:
     attention_mask: Tensor  # [B, T]
 
 
+@dataclass
+class PlainStates:
+    """Unedited passes of some prompts, kept for edited passes that resume part-way (see the module doc).
+
+    ``blocks[layer][prompt]``: block ``layer``'s input for that prompt, unpadded ``[T_p, H]``;
+    ``logits[prompt]``: the LM head at its target position (float32 ``[V]``).
+    """
+
+    blocks: dict[int, dict[int, Tensor]]
+    logits: dict[int, Tensor]
+
+
+def plain_states(model: nn.Module, encoded: EncodedPrompts, prompts: Sequence[int], layers: Sequence[int], *,
+                 batch_size: int) -> PlainStates:
+    """One unedited pass over ``prompts`` (indices into ``encoded``), keeping the inputs of ``layers``."""
+    keep = sorted(set(int(layer) for layer in layers))
+    n_layers = adapter_for(model).n_layers
+    if any(not 0 <= layer < n_layers for layer in keep):
+        raise IndexError(f"layers {keep}: the model has blocks 0..{n_layers - 1}")
+    states = PlainStates({layer: {} for layer in keep}, {})
+    unique = sorted(set(int(p) for p in prompts))
+    for batch in target_passes(model, encoded, batch_size=batch_size, items=unique, all_hidden=bool(keep)):
+        assert batch.logits is not None
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        for row, prompt in enumerate(batch.prompts):
+            states.logits[prompt] = batch.logits[row]
+            for layer in keep:
+                assert batch.hidden_states is not None
+                states.blocks[layer][prompt] = batch.hidden_states[layer][row, : lengths[row]].clone()
+    return states
+
+
 def target_passes(
     model: nn.Module,
     encoded: EncodedPrompts,
@@ -75,11 +113,25 @@ def target_passes(
     logits: bool = True,
     all_hidden: bool = False,
     progress: str | None = None,
+    resume: PlainStates | None = None,
+    first_edited: Sequence[int | None] | None = None,
 ) -> Iterator[TargetBatch]:
-    """Batched forward passes (no gradient) over ``items`` (default: every prompt once), see the module doc."""
+    """Batched forward passes (no gradient) over ``items`` (default: every prompt once), see the module doc.
+
+    With ``resume`` (the items' :func:`plain_states`) and ``first_edited`` (per item, the first block
+    ``edit`` changes for it, or None where it changes nothing), each item resumes at that block, or
+    reads its unedited logits; such passes capture nothing.
+    """
     adapter = adapter_for(model)
     device = model_device(model)
     prompt_of = list(range(len(encoded))) if items is None else [int(i) for i in items]
+    if resume is not None:
+        if first_edited is None or len(first_edited) != len(prompt_of):
+            raise ValueError(f"resume needs first_edited for each of the {len(prompt_of)} items")
+        if capture is not None or all_hidden or not logits:
+            raise ValueError("a resumed pass gives logits only (no captured activations or hidden states)")
+        yield from _resumed_passes(adapter, encoded, prompt_of, first_edited, resume, batch_size, edit, progress)
+        return
     head = adapter.lm_head() if logits else None
     batches = length_sorted_batches([len(encoded.input_ids[p]) for p in prompt_of], batch_size)
     pad = pad_token_id(model)
@@ -95,6 +147,45 @@ def target_passes(
             out = head(hidden[-1][rows, positions]).float() if head is not None else None
         acts = torch.stack([captured[layer] for layer in capture], dim=1) if capture else None
         yield TargetBatch(batch, prompts, positions, out, acts, hidden if all_hidden else None, mask)
+
+
+def _resumed_passes(adapter: Adapter, encoded: EncodedPrompts, prompt_of: list[int], first_edited: Sequence[int | None],
+                    states: PlainStates, batch_size: int, edit: BatchEdit | None, progress: str | None) -> Iterator[TargetBatch]:
+    """:func:`target_passes` for items that resume at their first edited block (grouped by that block)."""
+    if not adapter.resumable:
+        raise ValueError(f"{type(adapter).__name__} cannot resume a pass at a block; run full passes")
+    device = model_device(adapter.model)
+    head = adapter.lm_head()
+    pad = pad_token_id(adapter.model)
+    groups: dict[int | None, list[int]] = {}
+    for k, layer in enumerate(first_edited):
+        groups.setdefault(None if layer is None else int(layer), []).append(k)
+    plan = []  # (first edited block or None, item indices of one batch)
+    for layer in sorted(groups, key=lambda value: -1 if value is None else value):
+        members = groups[layer]
+        if layer is not None and layer not in states.blocks:
+            raise KeyError(f"no unedited inputs of block {layer} were kept (plain_states layers {sorted(states.blocks)})")
+        for batch in length_sorted_batches([len(encoded.input_ids[prompt_of[k]]) for k in members], batch_size):
+            plan.append((layer, [members[i] for i in batch]))
+    for layer, batch in tqdm(plan, desc=progress, unit="batch", disable=progress is None, mininterval=5.0):
+        prompts = [prompt_of[k] for k in batch]
+        missing = [p for p in prompts if p not in states.logits]
+        if missing:
+            raise KeyError(f"prompts {missing[:5]} have no unedited pass in the given PlainStates")
+        ids, mask = pad_sequences([encoded.input_ids[p] for p in prompts], pad, device)
+        positions = torch.tensor([encoded.mask_positions[p] for p in prompts], dtype=torch.long, device=device)
+        if layer is None:
+            out = torch.stack([states.logits[p] for p in prompts]).to(device)
+        else:
+            inputs = states.blocks[layer]
+            hidden = torch.zeros((len(prompts), ids.shape[1], inputs[prompts[0]].shape[-1]), dtype=inputs[prompts[0]].dtype,
+                                 device=device)
+            for row, p in enumerate(prompts):
+                hidden[row, : inputs[p].shape[0]] = inputs[p]
+            rows = torch.arange(len(batch), device=device)
+            with torch.no_grad(), (edit(batch, positions) if edit else contextlib.nullcontext()):
+                out = head(adapter.run_blocks_from(layer, hidden, mask)[rows, positions]).float()
+        yield TargetBatch(batch, prompts, positions, out, None, None, mask)
 
 
 def target_logits(model: nn.Module, encoded: EncodedPrompts, *, batch_size: int, items: Sequence[int] | None = None,
@@ -130,14 +221,18 @@ def score_targets(
     items: Sequence[int] | None = None,
     edit: BatchEdit | None = None,
     progress: str | None = None,
+    resume: PlainStates | None = None,
+    first_edited: Sequence[int | None] | None = None,
 ) -> TargetScores:
-    """Probability, rank and argmax of each item's target token (one target id per item)."""
+    """Probability, rank and argmax of each item's target token (one target id per item); ``resume`` and
+    ``first_edited`` as in :func:`target_passes`."""
     n_items = len(encoded) if items is None else len(items)
     if len(targets) != n_items:
         raise ValueError(f"{len(targets)} target ids for {n_items} items")
     scores = TargetScores(np.full(n_items, np.nan, dtype=np.float32), np.full(n_items, -1, dtype=np.int32),
                           np.zeros(n_items, dtype=np.int64))
-    for batch in target_passes(model, encoded, batch_size=batch_size, items=items, edit=edit, progress=progress):
+    for batch in target_passes(model, encoded, batch_size=batch_size, items=items, edit=edit, progress=progress,
+                               resume=resume, first_edited=first_edited):
         assert batch.logits is not None
         probs = torch.softmax(batch.logits, dim=-1)
         gold = torch.tensor([max(0, int(targets[k])) for k in batch.items], device=probs.device)
