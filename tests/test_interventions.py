@@ -93,6 +93,8 @@ def test_gold_probabilities_full_softmax_dedup_and_batching(tiny) -> None:
     assert probs[3] == pytest.approx(float(direct), rel=1e-5)
     single = gold_probabilities(model, encoded, gold, rows, batch_size=1)
     np.testing.assert_allclose(single, probs, rtol=1e-5)
+    one_prompt_at_a_time = gold_probabilities(model, encoded, gold, rows, batch_size=2, max_resumed_prompts=1)
+    np.testing.assert_allclose(one_prompt_at_a_time, probs, rtol=1e-5)
 
 
 def test_draws_replay_one_stream_over_all_relations() -> None:

@@ -221,11 +221,16 @@ def test_nothing_ablated_is_p0_and_p0_is_the_probe(bert, prompts):
     np.testing.assert_array_equal(probs["attn_nothing"], probs["p0"])
     texts = [prompt_of(t, s) for t, s in zip(templates, subjects)]
     np.testing.assert_allclose(probs["p0"], score_prompts(model, tokenizer, texts, gold)["gold_prob"], rtol=1e-5)
-    # batching and padding do not change the numbers beyond float noise
+    # batching, padding and how many prompts' unedited passes are held at once do not change the numbers
+    # beyond float noise (chunks of 3 prompts: the subject positions must follow each chunk's prompts)
     one = ablated_gold_probabilities(model, encoded, gold, positions, standard_ablations(2), batch_size=1)
     many = ablated_gold_probabilities(model, encoded, gold, positions, standard_ablations(2), batch_size=64)
+    chunked = ablated_gold_probabilities(model, encoded, gold, positions, standard_ablations(2), batch_size=4,
+                                         max_resumed_prompts=3)
     for name in one:
         np.testing.assert_allclose(one[name], many[name], rtol=1e-5)
+        np.testing.assert_allclose(chunked[name], many[name], rtol=1e-5)
+    assert not np.allclose(many["ffn_subject_all"], many["p0"])  # the subject ablation moved something to compare
 
 
 def test_hooks_are_removed_and_the_model_is_unchanged(bert, prompts):

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from kn.hooks import scale_neurons_per_row
 from kn.models.encoding import EncodedPrompts, PromptCodec, encode_prompts, object_token_id
 from kn.models.adapters import adapter_for
-from kn.models.forward import plain_states, score_continuations, score_targets
+from kn.models.forward import RESUMED_PROMPTS, plain_states, prompt_chunks, score_continuations, score_targets
 from kn.paper_numbers import paper_values
 from kn.tables import DOSE, DOSE_SUMMARY, EFFECT_SUMMARY, EVALUATION, METHODS, Neuron
 
@@ -69,6 +69,7 @@ def gold_probabilities(
     batch_size: int = 64,
     progress: bool = False,
     continuations: Sequence[Sequence[int]] | None = None,
+    max_resumed_prompts: int = RESUMED_PROMPTS,
 ) -> np.ndarray:
     """P(gold | prompt) under each row's intervention: softmax over the full vocabulary at [MASK]
     (a causal LM: at the last prompt token, where the neurons are scaled).
@@ -77,8 +78,9 @@ def gold_probabilities(
     computed once. Rows with different neuron sets share a batch (kn.models.forward), each
     scaled by :func:`kn.hooks.scale_neurons_per_row`; on a masked LM whose adapter can re-enter
     its blocks, each row resumes at the lowest layer it scales, from its prompt's unedited pass
-    (kn.models.forward.PlainStates). ``continuations`` (causal LMs, the ``sequence`` target): per
-    prompt the object's tokens, scored P(all of them), teacher-forced.
+    (kn.models.forward.PlainStates), held for ``max_resumed_prompts`` prompts at a time.
+    ``continuations`` (causal LMs, the ``sequence`` target): per prompt the object's tokens, scored
+    P(all of them), teacher-forced.
     """
     unique: dict[tuple, int] = {}
     todo: list[Intervention] = []
@@ -87,24 +89,30 @@ def gold_probabilities(
             unique[item.key()] = len(todo)
             todo.append(item)
 
-    def scaled(batch: Sequence[int], positions: torch.Tensor):
-        return scale_neurons_per_row(model, [todo[k].neurons for k in batch], [todo[k].factor for k in batch], positions)
+    def scaling(chunk: Sequence[Intervention]):
+        def scaled(batch: Sequence[int], positions: torch.Tensor):
+            return scale_neurons_per_row(model, [chunk[k].neurons for k in batch], [chunk[k].factor for k in batch], positions)
+        return scaled
 
     if continuations is not None:
         probs = score_continuations(model, encoded, [continuations[item.prompt] for item in todo], batch_size=batch_size,
-                                    items=[item.prompt for item in todo], edit=scaled,
+                                    items=[item.prompt for item in todo], edit=scaling(todo),
                                     progress="forward batches" if progress else None).prob
+    elif not adapter_for(model).resumable:
+        probs = score_targets(model, encoded, [gold_ids[item.prompt] for item in todo], batch_size=batch_size,
+                              items=[item.prompt for item in todo], edit=scaling(todo),
+                              progress="forward batches" if progress else None).prob.astype(np.float64)
     else:
-        first_edited = [first_scaled_layer(item) for item in todo]
-        resume = None
-        if adapter_for(model).resumable:
-            resume = plain_states(model, encoded, [item.prompt for item in todo],
+        probs = np.empty(len(todo), dtype=np.float64)
+        for indices in prompt_chunks([item.prompt for item in todo], max_resumed_prompts):
+            chunk = [todo[k] for k in indices]
+            first_edited = [first_scaled_layer(item) for item in chunk]
+            resume = plain_states(model, encoded, [item.prompt for item in chunk],
                                   [layer for layer in first_edited if layer is not None], batch_size=batch_size)
-        scores = score_targets(model, encoded, [gold_ids[item.prompt] for item in todo], batch_size=batch_size,
-                               items=[item.prompt for item in todo], edit=scaled,
-                               progress="forward batches" if progress else None,
-                               resume=resume, first_edited=first_edited if resume is not None else None)
-        probs = scores.prob.astype(np.float64)
+            probs[indices] = score_targets(model, encoded, [gold_ids[item.prompt] for item in chunk], batch_size=batch_size,
+                                           items=[item.prompt for item in chunk], edit=scaling(chunk),
+                                           progress="forward batches" if progress else None,
+                                           resume=resume, first_edited=first_edited).prob
     return np.array([probs[unique[item.key()]] for item in rows], dtype=np.float64)
 
 

@@ -49,7 +49,7 @@ from kn.hooks import attention_output_hooks, ffn_hooks
 from kn.interventions import bootstrap_counts, percentile_ci, ratio_of_averages
 from kn.models.adapters import adapter_for
 from kn.models.encoding import MASK_LITERAL, EncodedPrompts, PromptCodec, bos_prefix, cut_before_mask
-from kn.models.forward import plain_states, score_targets
+from kn.models.forward import RESUMED_PROMPTS, plain_states, prompt_chunks, score_targets
 
 COMPONENTS = ("ffn", "attn")
 POSITIONS = ("mask", "subject", "all")
@@ -201,9 +201,11 @@ def ablated_gold_probabilities(
     ablations: Sequence[Ablation],
     *,
     batch_size: int = 128,
+    max_resumed_prompts: int = RESUMED_PROMPTS,
 ) -> dict[str, np.ndarray]:
     """``{"p0": [n], ablation.name: [n], ...}``: P(gold) at each prompt's target position, plain and
-    under each ablation (float64, prompt order)."""
+    under each ablation (float64, prompt order). Ablated passes resume at their lowest ablated layer
+    from the prompts' unedited pass, held for ``max_resumed_prompts`` prompts at a time."""
     n = len(encoded)
     if len(gold_ids) != n or len(subjects) != n:
         raise ValueError(f"{n} prompts, {len(gold_ids)} gold ids, {len(subjects)} subject position lists")
@@ -215,17 +217,24 @@ def ablated_gold_probabilities(
         bad = [k for k in ablation.layers if not 0 <= k < n_layers]
         if bad:
             raise IndexError(f"{ablation.name}: layers {bad} out of range: model has {n_layers} layers")
-    resume = None  # each ablated pass resumes at its lowest ablated layer (kn.models.forward.PlainStates)
-    if adapter_for(model).resumable:
-        resume = plain_states(model, encoded, range(n), [min(a.layers) for a in ablations if a.layers],
-                              batch_size=batch_size)
-    out = {"p0": score_targets(model, encoded, gold_ids, batch_size=batch_size, resume=resume,
-                               first_edited=[None] * n if resume is not None else None).prob.astype(np.float64)}
-    for ablation in ablations:
-        edit = _zeroing_edit(model, ablation, subjects)
-        first = min(ablation.layers) if ablation.layers else None
-        out[ablation.name] = score_targets(model, encoded, gold_ids, batch_size=batch_size, edit=edit, resume=resume,
-                                           first_edited=[first] * n if resume is not None else None).prob.astype(np.float64)
+    if not adapter_for(model).resumable:
+        out = {"p0": score_targets(model, encoded, gold_ids, batch_size=batch_size).prob.astype(np.float64)}
+        for ablation in ablations:
+            edit = _zeroing_edit(model, ablation, subjects)
+            out[ablation.name] = score_targets(model, encoded, gold_ids, batch_size=batch_size, edit=edit).prob.astype(np.float64)
+        return out
+    # each ablated pass resumes at its lowest ablated layer (kn.models.forward.PlainStates), a chunk of prompts at a time
+    out = {name: np.empty(n, dtype=np.float64) for name in ["p0", *names]}
+    for chunk in prompt_chunks(range(n), max_resumed_prompts):
+        resume = plain_states(model, encoded, chunk, [min(a.layers) for a in ablations if a.layers], batch_size=batch_size)
+        gold = [gold_ids[p] for p in chunk]
+        out["p0"][chunk] = score_targets(model, encoded, gold, batch_size=batch_size, items=chunk, resume=resume,
+                                         first_edited=[None] * len(chunk)).prob
+        for ablation in ablations:
+            edit = _zeroing_edit(model, ablation, [subjects[p] for p in chunk])  # the edit sees indices into chunk
+            first = min(ablation.layers) if ablation.layers else None
+            out[ablation.name][chunk] = score_targets(model, encoded, gold, batch_size=batch_size, items=chunk, edit=edit,
+                                                      resume=resume, first_edited=[first] * len(chunk)).prob
     return out
 
 

@@ -10,7 +10,7 @@ import torch
 from kn.hooks import attention_output_hooks, scale_neurons_per_row
 from kn.models.adapters import adapter_for
 from kn.models.encoding import EncodedPrompts
-from kn.models.forward import plain_states, score_targets, target_passes
+from kn.models.forward import plain_states, prompt_chunks, score_targets, target_passes
 from tests.tiny_models import MASKED_KINDS, tiny
 
 LAYERS = 4
@@ -97,3 +97,12 @@ def test_resume_needs_states_of_the_block_and_prompt() -> None:
     assert not adapter_for(distil).resumable
     with pytest.raises(ValueError, match="cannot resume"):
         list(target_passes(distil, encoded, batch_size=4, items=[0], resume=states, first_edited=[2]))
+
+
+def test_prompt_chunks_keep_each_prompts_items_together() -> None:
+    prompts = [5, 2, 5, 9, 2, 7]
+    assert prompt_chunks(prompts, 2) == [[1, 4, 0, 2], [5, 3]]  # prompts {2, 5}, then {7, 9}
+    assert prompt_chunks(prompts, 10) == [[1, 4, 0, 2, 5, 3]]
+    assert prompt_chunks([], 3) == []
+    with pytest.raises(ValueError, match="max_prompts"):
+        prompt_chunks(prompts, 0)

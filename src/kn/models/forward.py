@@ -82,6 +82,22 @@ class PlainStates:
     logits: dict[int, Tensor]
 
 
+RESUMED_PROMPTS = 256  # prompts whose unedited states one resumed scoring holds at once (bounds memory on wide models)
+
+
+def prompt_chunks(prompts: Sequence[int], max_prompts: int) -> list[list[int]]:
+    """Indices into ``prompts`` (one prompt per item) in groups that cover at most ``max_prompts``
+    distinct prompts each, in ascending prompt order; all items of a prompt share a group."""
+    if max_prompts < 1:
+        raise ValueError(f"max_prompts = {max_prompts}; expected >= 1")
+    by_prompt: dict[int, list[int]] = {}
+    for k, prompt in enumerate(prompts):
+        by_prompt.setdefault(int(prompt), []).append(k)
+    ordered = sorted(by_prompt)
+    return [[k for prompt in ordered[i : i + max_prompts] for k in by_prompt[prompt]]
+            for i in range(0, len(ordered), max_prompts)]
+
+
 def plain_states(model: nn.Module, encoded: EncodedPrompts, prompts: Sequence[int], layers: Sequence[int], *,
                  batch_size: int) -> PlainStates:
     """One unedited pass over ``prompts`` (indices into ``encoded``), keeping the inputs of ``layers``."""
