@@ -98,21 +98,21 @@ def gold_probabilities(
         probs = score_continuations(model, encoded, [continuations[item.prompt] for item in todo], batch_size=batch_size,
                                     items=[item.prompt for item in todo], edit=scaling(todo),
                                     progress="forward batches" if progress else None).prob
-    elif not adapter_for(model).resumable:
-        probs = score_targets(model, encoded, [gold_ids[item.prompt] for item in todo], batch_size=batch_size,
-                              items=[item.prompt for item in todo], edit=scaling(todo),
-                              progress="forward batches" if progress else None).prob.astype(np.float64)
     else:
+        resumable = adapter_for(model).resumable
         probs = np.empty(len(todo), dtype=np.float64)
-        for indices in prompt_chunks([item.prompt for item in todo], max_resumed_prompts):
+        chunks = prompt_chunks([item.prompt for item in todo], max_resumed_prompts) if resumable else [list(range(len(todo)))]
+        for indices in chunks:
             chunk = [todo[k] for k in indices]
             first_edited = [first_scaled_layer(item) for item in chunk]
-            resume = plain_states(model, encoded, [item.prompt for item in chunk],
-                                  [layer for layer in first_edited if layer is not None], batch_size=batch_size)
+            resume = None
+            if resumable:
+                resume = plain_states(model, encoded, [item.prompt for item in chunk],
+                                      [layer for layer in first_edited if layer is not None], batch_size=batch_size)
             probs[indices] = score_targets(model, encoded, [gold_ids[item.prompt] for item in chunk], batch_size=batch_size,
                                            items=[item.prompt for item in chunk], edit=scaling(chunk),
                                            progress="forward batches" if progress else None,
-                                           resume=resume, first_edited=first_edited).prob
+                                           resume=resume, first_edited=first_edited if resumable else None).prob
     return np.array([probs[unique[item.key()]] for item in rows], dtype=np.float64)
 
 

@@ -217,24 +217,22 @@ def ablated_gold_probabilities(
         bad = [k for k in ablation.layers if not 0 <= k < n_layers]
         if bad:
             raise IndexError(f"{ablation.name}: layers {bad} out of range: model has {n_layers} layers")
-    if not adapter_for(model).resumable:
-        out = {"p0": score_targets(model, encoded, gold_ids, batch_size=batch_size).prob.astype(np.float64)}
-        for ablation in ablations:
-            edit = _zeroing_edit(model, ablation, subjects)
-            out[ablation.name] = score_targets(model, encoded, gold_ids, batch_size=batch_size, edit=edit).prob.astype(np.float64)
-        return out
-    # each ablated pass resumes at its lowest ablated layer (kn.models.forward.PlainStates), a chunk of prompts at a time
+    # where the adapter can re-enter its blocks, each ablated pass resumes at its lowest ablated layer
+    # (kn.models.forward.PlainStates), a chunk of prompts at a time; otherwise full passes over every prompt
+    resumable = adapter_for(model).resumable
     out = {name: np.empty(n, dtype=np.float64) for name in ["p0", *names]}
-    for chunk in prompt_chunks(range(n), max_resumed_prompts):
-        resume = plain_states(model, encoded, chunk, [min(a.layers) for a in ablations if a.layers], batch_size=batch_size)
+    for chunk in prompt_chunks(range(n), max_resumed_prompts) if resumable else [list(range(n))]:
+        resume = None
+        if resumable:
+            resume = plain_states(model, encoded, chunk, [min(a.layers) for a in ablations if a.layers], batch_size=batch_size)
         gold = [gold_ids[p] for p in chunk]
         out["p0"][chunk] = score_targets(model, encoded, gold, batch_size=batch_size, items=chunk, resume=resume,
-                                         first_edited=[None] * len(chunk)).prob
+                                         first_edited=[None] * len(chunk) if resumable else None).prob
         for ablation in ablations:
             edit = _zeroing_edit(model, ablation, [subjects[p] for p in chunk])  # the edit sees indices into chunk
             first = min(ablation.layers) if ablation.layers else None
             out[ablation.name][chunk] = score_targets(model, encoded, gold, batch_size=batch_size, items=chunk, edit=edit,
-                                                      resume=resume, first_edited=[first] * len(chunk)).prob
+                                                      resume=resume, first_edited=[first] * len(chunk) if resumable else None).prob
     return out
 
 
