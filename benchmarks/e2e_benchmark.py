@@ -150,7 +150,8 @@ class LoadSampler:
         self._thread.join()
 
     def summary(self) -> dict[str, float]:
-        return {"mean": round(statistics.fmean(self.samples), 2), "min": min(self.samples), "max": max(self.samples)}
+        return {"mean": round(statistics.fmean(self.samples), 2), "min": round(min(self.samples), 2),
+                "max": round(max(self.samples), 2)}
 
 
 def efficiency(stages: Sequence[StageTime], total_wall_s: float, all_cpu_s: float, cores: int) -> dict[str, float]:
@@ -199,6 +200,7 @@ def one_run(args: argparse.Namespace, results_dir: Path, out: Path) -> dict | No
     usage_path.unlink(missing_ok=True)
     # A fresh worker folder: the run starts its own server, whose imports are counted.
     env = {**os.environ, "KN_WORKER_USAGE": str(usage_path), "KN_WORKER_DIR": tempfile.mkdtemp(prefix="knwb")}
+    host = host_speed()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with LoadSampler() as load, open(log_path, "w", encoding="utf-8") as log:
         start = time.perf_counter()
@@ -217,7 +219,9 @@ def one_run(args: argparse.Namespace, results_dir: Path, out: Path) -> dict | No
         "snakemake_args": " ".join([*args.target, "--cores", str(args.cores), *args.snakemake_arg,
                                     "--config", f"overrides={json.dumps(overrides)}"]),
         "cores": str(args.cores),
-        "machine": f"{platform.node()} ({platform.machine()}, {_cpu_count()} CPUs visible)",
+        "machine": f"{platform.node()} ({platform.machine()}, {_cpu_count()} CPUs visible, {host['cpu_model']}; "
+                   f"fp32 matmul on 1 thread before the run: {host['matmul_gflops_1_thread']} GFLOP/s)",
+        **host,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         **efficiency(stages, total, all_cpu, args.cores),
         "load": load.summary(),
@@ -259,14 +263,16 @@ def run(args: argparse.Namespace) -> int:
     if args.runs > 1:
         keys = ("total_wall_s", "job_cpu_s", "all_cpu_s", "efficiency", "efficiency_all_cpu")
         median = {key: statistics.median(r[key] for r in records) for key in keys}
-        lines = ["| run | wall s | job CPU s | all CPU s | efficiency | with scheduler | load 1-min mean (min-max) |",
-                 "|---|---:|---:|---:|---:|---:|---|"]
+        lines = ["| run | wall s | job CPU s | all CPU s | efficiency | with scheduler | load 1-min mean (min-max) "
+                 "| 1-thread matmul GFLOP/s |",
+                 "|---|---:|---:|---:|---:|---:|---|---:|"]
         for k, r in enumerate(records, 1):
             lines.append(f"| {k} | {r['total_wall_s']:.0f} | {r['job_cpu_s']:.0f} | {r['all_cpu_s']:.0f} | "
                          f"{r['efficiency']:.0%} | {r['efficiency_all_cpu']:.0%} | {r['load']['mean']} "
-                         f"({r['load']['min']}-{r['load']['max']}) |")
+                         f"({r['load']['min']}-{r['load']['max']}) | {r['matmul_gflops_1_thread']} |")
         lines.append(f"| median | {median['total_wall_s']:.0f} | {median['job_cpu_s']:.0f} | {median['all_cpu_s']:.0f} | "
-                     f"{median['efficiency']:.0%} | {median['efficiency_all_cpu']:.0%} | |")
+                     f"{median['efficiency']:.0%} | {median['efficiency_all_cpu']:.0%} | | |")
+        lines.append(f"\nCPU: {records[0]['cpu_model']}.")
         (args.out / "report.md").write_text("\n".join(lines) + "\n\nEach run's stages: run<k>/report.md.\n",
                                             encoding="utf-8")
         (args.out / "report.json").write_text(json.dumps({"median": median, "runs": records}, indent=2) + "\n",
@@ -279,6 +285,37 @@ def run(args: argparse.Namespace) -> int:
             handle.write(text)
         print(text)
     return 0
+
+
+MATMUL_PROBE = """
+import statistics, time, torch
+torch.set_num_threads(1)
+a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+a @ b
+rates = []
+for _ in range(9):
+    start = time.perf_counter()
+    a @ b
+    rates.append(2 * 1024**3 / (time.perf_counter() - start) / 1e9)
+print(statistics.median(rates))
+"""
+
+
+def host_speed() -> dict[str, object]:
+    """The CPU model and its one-thread fp32 matmul rate (GFLOP/s, median of 9), measured before a run.
+
+    Hosts behind the same "2-core VM" differ by more than 2x in speed between sessions, so a
+    wall time is comparable only beside the rate of the host it was measured on.
+    """
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    probe = subprocess.run([sys.executable, "-c", MATMUL_PROBE], capture_output=True, text=True, check=False,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    rate = round(float(probe.stdout.strip()), 1) if probe.returncode == 0 else None
+    return {"cpu_model": model, "matmul_gflops_1_thread": rate}
 
 
 def _cpu_count() -> int:

@@ -192,7 +192,7 @@ def main() -> None:
     torch.set_num_threads(1)
     candidates = [("gauss_legendre", m) for m in args.gl] + [("left", m) for m in args.left]
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "load": os.getloadavg(), "relations": args.relations, "facts": args.facts, "rows": []}
+              "load": [round(x, 2) for x in os.getloadavg()], "relations": args.relations, "facts": args.facts, "rows": []}
     if "organism" in args.models:
         model, tokenizer = load_masked_lm(args.organism)
         report["rows"] += run_model(f"organism ({args.organism})", model, tokenizer, args.relations, args.facts,

@@ -98,3 +98,6 @@ def test_benchmark_runs_snakemake_and_reports_each_rule(tmp_path: Path) -> None:
     usage = [json.loads(line) for line in (out / "worker_usage.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in usage} == {"worker_startup", "ingest", "ingest_relation"}  # the jobs ran in the worker
     assert "Parallel efficiency" in (out / "report.md").read_text()
+    # the host's speed is measured before the run, so walls from different hosts can be compared
+    assert report["matmul_gflops_1_thread"] > 0
+    assert report["cpu_model"] and report["cpu_model"] in report["machine"]
