@@ -161,13 +161,16 @@ def smallest_passing(rows: list[dict], rule: str = "gauss_legendre") -> int | No
 def markdown(report: dict) -> str:
     lines = ["# IG quadrature: how few points reproduce m = 20 (left)", "",
              f"Machine: {report['machine']}; load before the run: {report['load']}; 1 torch thread; "
-             f"{report['facts']} facts per relation of {', '.join(report['relations'])}.", "",
+             f"{report['facts']} facts per relation for the organism, {report['base_facts']} for the bert-base-size "
+             "model, of "
+             f"{', '.join(report['relations'])}.", "",
              "| model | rule | m | completeness error | KN/fact | mean Jaccard vs m=20 | min Jaccard | suppress | amplify "
              "| within m=20 CIs | IG CPU s | speedup |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['model']} | {r['rule']} | {r['m']} | {r['completeness_error']:.4f} | {r['kn_per_fact']:.2f} "
                      f"| {r['mean_jaccard']:.3f} | {r['min_jaccard']:.3f} | {r['suppress_own']:+.2%} "
                      f"[{r['suppress_own_ci'][0]:+.2%}, {r['suppress_own_ci'][1]:+.2%}] | {r['amplify_own']:+.2%} "
+                     f"[{r['amplify_own_ci'][0]:+.2%}, {r['amplify_own_ci'][1]:+.2%}] "
                      f"| {'yes' if r['within_ci'] else 'no'} | {r['ig_cpu_seconds']} | {r['speedup_vs_m20']:.1f}x |")
     lines += [""]
     for model, m in report["smallest_gauss_legendre_m"].items():
@@ -192,7 +195,8 @@ def main() -> None:
     torch.set_num_threads(1)
     candidates = [("gauss_legendre", m) for m in args.gl] + [("left", m) for m in args.left]
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "load": [round(x, 2) for x in os.getloadavg()], "relations": args.relations, "facts": args.facts, "rows": []}
+              "load": [round(x, 2) for x in os.getloadavg()], "relations": args.relations, "facts": args.facts,
+              "base_facts": args.base_facts, "rows": []}
     if "organism" in args.models:
         model, tokenizer = load_masked_lm(args.organism)
         report["rows"] += run_model(f"organism ({args.organism})", model, tokenizer, args.relations, args.facts,
