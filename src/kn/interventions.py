@@ -27,8 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kn.hooks import scale_neurons_per_row
 from kn.models.encoding import EncodedPrompts, PromptCodec, encode_prompts, object_token_id
-from kn.models.adapters import adapter_for
-from kn.models.forward import RESUMED_PROMPTS, plain_states, prompt_chunks, score_continuations, score_targets
+from kn.models.forward import RESUMED_PROMPTS, score_continuations, score_targets, unedited_chunks
 from kn.paper_numbers import paper_values
 from kn.tables import DOSE, DOSE_SUMMARY, EFFECT_SUMMARY, EVALUATION, METHODS, Neuron
 
@@ -99,20 +98,16 @@ def gold_probabilities(
                                     items=[item.prompt for item in todo], edit=scaling(todo),
                                     progress="forward batches" if progress else None).prob
     else:
-        resumable = adapter_for(model).resumable
         probs = np.empty(len(todo), dtype=np.float64)
-        chunks = prompt_chunks([item.prompt for item in todo], max_resumed_prompts) if resumable else [list(range(len(todo)))]
-        for indices in chunks:
+        first_edited = [first_scaled_layer(item) for item in todo]
+        starts = [() if layer is None else (layer,) for layer in first_edited]
+        for indices, resume in unedited_chunks(model, encoded, [item.prompt for item in todo], starts,
+                                               max_prompts=max_resumed_prompts, batch_size=batch_size):
             chunk = [todo[k] for k in indices]
-            first_edited = [first_scaled_layer(item) for item in chunk]
-            resume = None
-            if resumable:
-                resume = plain_states(model, encoded, [item.prompt for item in chunk],
-                                      [layer for layer in first_edited if layer is not None], batch_size=batch_size)
             probs[indices] = score_targets(model, encoded, [gold_ids[item.prompt] for item in chunk], batch_size=batch_size,
                                            items=[item.prompt for item in chunk], edit=scaling(chunk),
                                            progress="forward batches" if progress else None,
-                                           resume=resume, first_edited=first_edited if resumable else None).prob
+                                           resume=resume, first_edited=[first_edited[k] for k in indices]).prob
     return np.array([probs[unique[item.key()]] for item in rows], dtype=np.float64)
 
 

@@ -49,7 +49,7 @@ from kn.hooks import attention_output_hooks, ffn_hooks
 from kn.interventions import bootstrap_counts, percentile_ci, ratio_of_averages
 from kn.models.adapters import adapter_for
 from kn.models.encoding import MASK_LITERAL, EncodedPrompts, PromptCodec, bos_prefix, cut_before_mask
-from kn.models.forward import RESUMED_PROMPTS, plain_states, prompt_chunks, score_targets
+from kn.models.forward import RESUMED_PROMPTS, score_targets, unedited_chunks
 
 COMPONENTS = ("ffn", "attn")
 POSITIONS = ("mask", "subject", "all")
@@ -217,22 +217,19 @@ def ablated_gold_probabilities(
         bad = [k for k in ablation.layers if not 0 <= k < n_layers]
         if bad:
             raise IndexError(f"{ablation.name}: layers {bad} out of range: model has {n_layers} layers")
-    # where the adapter can re-enter its blocks, each ablated pass resumes at its lowest ablated layer
-    # (kn.models.forward.PlainStates), a chunk of prompts at a time; otherwise full passes over every prompt
-    resumable = adapter_for(model).resumable
+    # each ablated pass resumes at its lowest ablated layer where the adapter can (kn.models.forward.unedited_chunks)
+    starts = [min(a.layers) for a in ablations if a.layers]
     out = {name: np.empty(n, dtype=np.float64) for name in ["p0", *names]}
-    for chunk in prompt_chunks(range(n), max_resumed_prompts) if resumable else [list(range(n))]:
-        resume = None
-        if resumable:
-            resume = plain_states(model, encoded, chunk, [min(a.layers) for a in ablations if a.layers], batch_size=batch_size)
+    for chunk, resume in unedited_chunks(model, encoded, range(n), [starts] * n, max_prompts=max_resumed_prompts,
+                                         batch_size=batch_size):
         gold = [gold_ids[p] for p in chunk]
         out["p0"][chunk] = score_targets(model, encoded, gold, batch_size=batch_size, items=chunk, resume=resume,
-                                         first_edited=[None] * len(chunk) if resumable else None).prob
+                                         first_edited=[None] * len(chunk)).prob
         for ablation in ablations:
             edit = _zeroing_edit(model, ablation, [subjects[p] for p in chunk])  # the edit sees indices into chunk
             first = min(ablation.layers) if ablation.layers else None
             out[ablation.name][chunk] = score_targets(model, encoded, gold, batch_size=batch_size, items=chunk, edit=edit,
-                                                      resume=resume, first_edited=[first] * len(chunk) if resumable else None).prob
+                                                      resume=resume, first_edited=[first] * len(chunk)).prob
     return out
 
 

@@ -10,7 +10,7 @@ import torch
 from kn.hooks import attention_output_hooks, scale_neurons_per_row
 from kn.models.adapters import adapter_for
 from kn.models.encoding import EncodedPrompts
-from kn.models.forward import plain_states, prompt_chunks, score_targets, target_passes
+from kn.models.forward import plain_states, prompt_chunks, score_targets, target_passes, unedited_chunks
 from tests.tiny_models import MASKED_KINDS, tiny
 
 LAYERS = 4
@@ -106,3 +106,17 @@ def test_prompt_chunks_keep_each_prompts_items_together() -> None:
     assert prompt_chunks([], 3) == []
     with pytest.raises(ValueError, match="max_prompts"):
         prompt_chunks(prompts, 0)
+
+
+def test_unedited_chunks_hold_each_groups_start_blocks_or_nothing_where_passes_cannot_resume() -> None:
+    encoded = random_prompts(60, 4, seed=9)
+    prompts, starts = [3, 1, 3, 0], [(2,), (), (1,), (3,)]
+    model = tiny("bert", layers=LAYERS)
+    groups = list(unedited_chunks(model, encoded, prompts, starts, max_prompts=2, batch_size=4))
+    assert [indices for indices, _ in groups] == [[3, 1], [0, 2]]  # prompts {0, 1}, then {3}
+    assert [sorted(states.blocks) for _, states in groups] == [[3], [1, 2]]
+    assert [sorted(states.logits) for _, states in groups] == [[0, 1], [3]]
+    distil = tiny("distilbert", layers=LAYERS)
+    assert list(unedited_chunks(distil, encoded, prompts, starts, max_prompts=2, batch_size=4)) == [([0, 1, 2, 3], None)]
+    with pytest.raises(ValueError, match="start-block sets"):
+        list(unedited_chunks(model, encoded, prompts, starts[:2], max_prompts=2, batch_size=4))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator, Sequence
+from typing import Callable, Collection, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -98,6 +98,22 @@ def prompt_chunks(prompts: Sequence[int], max_prompts: int) -> list[list[int]]:
             for i in range(0, len(ordered), max_prompts)]
 
 
+def unedited_chunks(model: nn.Module, encoded: EncodedPrompts, prompts: Sequence[int], starts: Sequence[Collection[int]],
+                    *, max_prompts: int, batch_size: int) -> Iterator[tuple[list[int], PlainStates | None]]:
+    """Groups of items (indices into ``prompts``, one prompt each) with the unedited states their edited
+    passes resume from; ``starts[k]``: the blocks item k's passes start at. Each group covers at most
+    ``max_prompts`` prompts (:func:`prompt_chunks`). An adapter that cannot resume gets one group of every
+    item and no states, so its passes run in full."""
+    if len(starts) != len(prompts):
+        raise ValueError(f"{len(starts)} start-block sets for {len(prompts)} items")
+    if not adapter_for(model).resumable:
+        yield list(range(len(prompts))), None
+        return
+    for indices in prompt_chunks(prompts, max_prompts):
+        layers = {int(layer) for k in indices for layer in starts[k]}
+        yield indices, plain_states(model, encoded, [prompts[k] for k in indices], sorted(layers), batch_size=batch_size)
+
+
 def plain_states(model: nn.Module, encoded: EncodedPrompts, prompts: Sequence[int], layers: Sequence[int], *,
                  batch_size: int) -> PlainStates:
     """One unedited pass over ``prompts`` (indices into ``encoded``), keeping the inputs of ``layers``."""
@@ -136,7 +152,8 @@ def target_passes(
 
     With ``resume`` (the items' :func:`plain_states`) and ``first_edited`` (per item, the first block
     ``edit`` changes for it, or None where it changes nothing), each item resumes at that block, or
-    reads its unedited logits; such passes capture nothing.
+    reads its unedited logits; such passes capture nothing. Without ``resume``, ``first_edited`` is not
+    read: every item runs in full (see :func:`unedited_chunks`).
     """
     adapter = adapter_for(model)
     device = model_device(model)
