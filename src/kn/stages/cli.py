@@ -99,6 +99,7 @@ def load_model(args: StageArgs) -> LoadedModel:
         raise SystemExit("no model: pass --in model=<trained organism folder> or set model.path")
     device = resolve_device(str(cfg.device))
     model, tokenizer = load_lm(spec, device, cfg.model.layer_norm_eps)
+    log.info("model %s loaded on device %s", spec, device)  # scripts/device_check.py reads it from job logs
     codec = PromptCodec.of(model, tokenizer, OmegaConf.to_container(cfg.causal, resolve=True))
     return LoadedModel(model, tokenizer, spec, str(device), codec)
 
