@@ -7,12 +7,12 @@ Snakemake runs from the repository root with ``results_dir`` pointed at a separa
 so ``results/`` is never touched. Per-stage numbers come from the ``benchmark:`` file of
 every job (``<results_dir>/benchmarks/**.tsv``), attributed to its rule through the job
 listing Snakemake prints, and summed per rule; the total is the wall time of the whole
-``snakemake`` call (which includes Snakefile parsing and scheduling). Jobs run through the stage
-worker (kn.worker), whose forked job processes are not children of the job Snakemake measures: each
-job's CPU seconds and peak RSS come from the worker's usage records (``KN_WORKER_USAGE``), added to
-its benchmark row. Parallel efficiency is the summed job CPU / (wall x cores); the CPU of everything
-the call started (scheduler and clients, ``RUSAGE_CHILDREN``, plus the worker's jobs and its start-up
-imports) gives the same ratio with the scheduler counted. The 1-minute load average
+``snakemake`` call (which includes Snakefile parsing and scheduling). Those files hold each job's own
+CPU seconds and peak RSS, whether it ran through the stage worker or cold (kn.jobrecord), so they are
+the records ``snakemake --report`` users read too. Parallel efficiency is the summed job CPU /
+(wall x cores); the CPU of everything the call started gives the same ratio with the scheduler
+counted: ``RUSAGE_CHILDREN`` (Snakemake, the job clients, cold jobs) plus what ran outside that process
+tree, the worker's jobs and its start-up imports (its ``KN_WORKER_USAGE`` records). The 1-minute load average
 is sampled every 15 s: the machine may be shared, so read it before the numbers. ``--runs N``
 repeats the run from a clean folder and reports medians; ``--rerun-check P101`` then lists the
 jobs ``snakemake -n`` would run after a one-relation override. Writes ``report.md``,
@@ -38,8 +38,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
-
-from kn.worker import STARTUP_STAGE
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
@@ -92,7 +90,8 @@ def _number(text: str | None) -> float:
 
 
 def read_usage(path: Path) -> list[dict]:
-    """The worker's usage records (one JSON object per line; none if the file does not exist)."""
+    """The worker's usage records: its jobs and its start-up imports (one JSON object per line; none if
+    the file does not exist)."""
     if not path.exists():
         return []
     records = []
@@ -104,9 +103,8 @@ def read_usage(path: Path) -> list[dict]:
     return records
 
 
-def summarise(results_dir: Path, log_text: str, usage: Sequence[dict] = ()) -> list[StageTime]:
-    """Per-rule sums over every ``<results_dir>/benchmarks/**.tsv`` plus the worker's job records
-    (a rule's stage has the rule's name), slowest rule first."""
+def summarise(results_dir: Path, log_text: str) -> list[StageTime]:
+    """Per-rule sums over every ``<results_dir>/benchmarks/**.tsv``, slowest rule first."""
     rules = benchmark_rules(log_text)
     stages: dict[str, StageTime] = {}
     for path in sorted((results_dir / "benchmarks").rglob("*.tsv")):
@@ -118,14 +116,6 @@ def summarise(results_dir: Path, log_text: str, usage: Sequence[dict] = ()) -> l
         stage.cpu_s += row.get("cpu_time", 0.0)
         stage.max_rss_mb = max(stage.max_rss_mb, row.get("max_rss", 0.0))
         stage.job_wall_s.append(row.get("s", 0.0))
-    for record in usage:
-        if record["stage"] == STARTUP_STAGE:  # a server's imports: no job's
-            continue
-        stage = stages.get(record["stage"])
-        if stage is None:
-            raise ValueError(f"worker ran stage {record['stage']!r}, but no job of a rule of that name left a benchmark")
-        stage.cpu_s += float(record.get("cpu_s", 0.0))
-        stage.max_rss_mb = max(stage.max_rss_mb, float(record.get("max_rss_mb", 0.0)))
     return sorted(stages.values(), key=lambda s: (-s.wall_s, s.rule))
 
 
@@ -212,7 +202,7 @@ def one_run(args: argparse.Namespace, results_dir: Path, out: Path) -> dict | No
         print(f"snakemake failed (exit {returncode}); see {log_path}", file=sys.stderr)
         return None
     usage = read_usage(usage_path)
-    stages = summarise(results_dir, log_path.read_text(encoding="utf-8"), usage)
+    stages = summarise(results_dir, log_path.read_text(encoding="utf-8"))
     all_cpu = ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
                + sum(float(r.get("cpu_s", 0.0)) for r in usage))
     context = {

@@ -17,13 +17,18 @@ import-time environment, so editing the code or switching environments starts a 
 server exits after ``KN_WORKER_IDLE`` seconds without jobs (default 120). ``KN_WORKER=0`` runs
 every job cold, and so does a job under SLURM (each on its own allocation, where no server would be
 reused) unless ``KN_WORKER=1``; if the server cannot be reached the client runs the job cold itself. A job's
-outputs are the same either way (tests/test_worker.py). ``KN_WORKER_USAGE=<file>`` appends one
-JSON line per job with its CPU seconds and peak RSS (benchmarks/e2e_benchmark.py reads them,
-since Snakemake's own benchmark only sees the client).
+outputs are the same either way (tests/test_worker.py).
+
+``--record <benchmark file>`` (every rule passes its ``benchmark:`` path) leaves the job's own CPU
+seconds, peak RSS and I/O for Snakemake's benchmark writer, measured by whichever process waits for
+the job: the supervisor, or the client when the job runs cold (kn.jobrecord). ``KN_WORKER_USAGE=<file>``
+appends one JSON line per job the server ran, and one for each server's own imports: the CPU spent
+outside Snakemake's process tree (benchmarks/e2e_benchmark.py adds it to the run's total).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -40,6 +45,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import kn
+from kn.jobrecord import append_line, side_path
 
 STAGES_DIR = Path(kn.__file__).resolve().parent / "stages"
 # Environment read while modules are imported (not only when a job runs): part of the server's key.
@@ -205,17 +211,26 @@ def submit(stage: str, args: list[str]) -> dict[str, Any]:
 
 
 def record_usage(stage: str, args: list[str], reply: dict[str, Any]) -> None:
-    """Append the job's usage to ``KN_WORKER_USAGE``: one JSON line in one O_APPEND write, so lines of
-    concurrent jobs do not interleave."""
+    """Append the usage of a job the server ran to ``KN_WORKER_USAGE`` (the CPU outside Snakemake's process tree)."""
     target = os.environ.get("KN_WORKER_USAGE")
-    if not target:
-        return
-    line = json.dumps({"stage": stage, "args": args, **reply}) + "\n"
-    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
+    if target:
+        append_line(target, {"stage": stage, "args": args, **reply})
+
+
+def rusage_record(usage: resource.struct_rusage) -> dict[str, float]:
+    """A waited-for job's CPU seconds, peak RSS and block I/O (MB), as ``wait4`` reports them."""
+    return {"cpu_s": round(usage.ru_utime + usage.ru_stime, 3), "max_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "io_in_mb": round(usage.ru_inblock * 512 / 2**20, 2), "io_out_mb": round(usage.ru_oublock * 512 / 2**20, 2)}
+
+
+def exit_reply(status: int, usage: resource.struct_rusage, started: float) -> dict[str, Any]:
+    """What a job's waiter reports: exit status (128 + signal if killed), usage and wall seconds."""
+    code = os.waitstatus_to_exitcode(status)
+    reply: dict[str, Any] = {"exit": code if code >= 0 else 128 - code, **rusage_record(usage),
+                             "wall_s": round(time.perf_counter() - started, 3)}
+    if code < 0:
+        reply["error"] = f"the job was killed by signal {-code}"
+    return reply
 
 
 def worker_wanted() -> bool:
@@ -228,26 +243,70 @@ def worker_wanted() -> bool:
     return not os.environ.get("SLURM_JOB_ID")
 
 
-def run_cold(module: str, args: list[str]) -> NoReturn:
-    os.execv(sys.executable, [sys.executable, "-m", module, *args])
+def _die_with_parent() -> None:
+    """In a forked child on Linux: receive SIGTERM when the parent dies (survives exec), so a cold job
+    still dies with its client when Snakemake SIGKILLs the client."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+
+
+def run_cold(module: str, args: list[str], record: str | None) -> int:
+    """Run the stage in a fresh interpreter. Without a record to write, become it (exec); with one, wait
+    for it as its parent, passing on the signals that stop jobs, and record its usage."""
+    command = [sys.executable, "-m", module, *args]
+    if record is None:
+        os.execv(sys.executable, command)
+    parent = os.getpid()
+    started = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        _die_with_parent()
+        if os.getppid() != parent:  # the client died before the death signal was armed
+            os._exit(1)
+        os.execv(sys.executable, command)
+
+    def forward(received: int, _frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, received)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
+    _, status, usage = os.wait4(pid, 0)
+    reply = exit_reply(status, usage, started)
+    append_line(side_path(record), reply)
+    return int(reply["exit"])
+
+
+USAGE = ("usage: python -m kn.worker [--record BENCHMARK_FILE] <stage> [stage arguments...]\n"
+         "  runs python -m kn.stages.<stage>; --record leaves the job's usage for that Snakemake benchmark file")
 
 
 def client(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m kn.worker <stage> [stage arguments...]   (runs python -m kn.stages.<stage>)")
-        return 0 if argv else 2
+    record = None
+    if argv[:1] == ["--record"] and len(argv) >= 2:
+        record, argv = argv[1], argv[2:]
+    if not argv or argv[0] in ("-h", "--help") or argv[0].startswith("--record"):
+        print(USAGE)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     stage, args = argv[0], argv[1:]
     module = stage_module(stage)
     if not worker_wanted():
-        run_cold(module, args)
+        return run_cold(module, args, record)
     try:
         reply = submit(stage, args)
     except (WorkerUnavailable, OSError) as exc:
         print(f"kn.worker: {exc}; running the job in a fresh interpreter", file=sys.stderr, flush=True)
-        run_cold(module, args)
+        return run_cold(module, args, record)
     if "error" in reply:
         print(f"kn.worker: {reply['error']}", file=sys.stderr)
     record_usage(stage, args, reply)
+    if record is not None and "cpu_s" in reply:
+        append_line(side_path(record), reply)
     return int(reply["exit"])
 
 
@@ -340,15 +399,8 @@ def supervise(conn: socket.socket) -> NoReturn:
         if readable and not conn.recv(1):  # the client is gone: so is its job
             _stop(pid)
             os._exit(1)
-    code = os.waitstatus_to_exitcode(status)
-    reply: dict[str, Any] = {"exit": code if code >= 0 else 128 - code,
-                             "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
-                             "max_rss_mb": round(usage.ru_maxrss / 1024, 1),
-                             "wall_s": round(time.perf_counter() - started, 3)}
-    if code < 0:
-        reply["error"] = f"the job was killed by signal {-code}"
     try:
-        _send(conn, reply)
+        _send(conn, exit_reply(status, usage, started))
     except OSError:
         pass
     os._exit(0)

@@ -10,6 +10,7 @@ rule attribute:
         scores=L.scores("{relation}", "{shard}"),
         prompts=L.shard_prompts("{relation}", "{shard}"),
     params:
+        record=L.benchmark(L.scores("{relation}", "{shard}")),
         overrides=stage_args("attribute"),
         model=MODEL_FLAG,
     log:
@@ -28,7 +29,7 @@ rule attribute:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.worker attribute --relation {wildcards.relation} --shard {wildcards.shard} "
+        "python -m kn.worker --record {params.record} attribute --relation {wildcards.relation} --shard {wildcards.shard} "
         "--threads {threads} --in data={input.data} {params.model} --out scores={output.scores} "
         "--out prompts={output.prompts} {params.overrides} > {log} 2>&1"
 

@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from kn.config import RUN_CONFIG_ENV, compose_config, flatten_overrides, run_config_text
 from kn.data.pararel import fact_counts, load_relations, select_relations
 from kn.integrity import quarantine_broken_parquet
+from kn.jobrecord import install as record_jobs_own_usage
 from kn.layout import Layout
 from kn.stages.sections import sections_of
 from kn.tables import study_fact_count
@@ -28,6 +29,10 @@ FACT_COUNTS = fact_counts(Path(CFG.data.resources_dir), CFG.data.max_facts_per_r
 TARGETS = []  # every rules file appends its final outputs
 TRAINED = CFG.model.source == "trained"
 GPU = 1 if CFG.device == "cuda" else 0  # resources.gpu of the rules that run the model
+
+# Every job's benchmark file holds the job's own CPU time and peak RSS, which the stage worker measures
+# (rules pass their benchmark path to kn.worker as --record); Snakemake alone would sample the client.
+record_jobs_own_usage()
 
 # The run's whole resolved config, written once per distinct config; every job's provenance
 # names it (kn.io.provenance), while the job itself receives only the sections it reads.

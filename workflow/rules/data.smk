@@ -7,6 +7,7 @@ rule ingest_relation:
     output:
         L.relation_prompts("{relation}"),
     params:
+        record=L.benchmark(L.relation_prompts("{relation}")),
         overrides=stage_args("ingest_relation"),
     log:
         L.log(L.relation_prompts("{relation}")),
@@ -18,7 +19,7 @@ rule ingest_relation:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.worker ingest_relation --relation {wildcards.relation} --out prompts={output} "
+        "python -m kn.worker --record {params.record} ingest_relation --relation {wildcards.relation} --out prompts={output} "
         "{params.overrides} > {log} 2>&1"
 
 
@@ -30,6 +31,7 @@ rule ingest:
         facts=L.data("facts.parquet"),
         stats=L.data("stats.json"),
     params:
+        record=L.benchmark(L.data("ingest")),
         overrides=stage_args("ingest"),
         relations=keyed_args(relation=per_relation(L.relation_prompts)),
     log:
@@ -42,7 +44,7 @@ rule ingest:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.worker ingest {params.relations} --out prompts={output.prompts} --out facts={output.facts} "
+        "python -m kn.worker --record {params.record} ingest {params.relations} --out prompts={output.prompts} --out facts={output.facts} "
         "--out stats={output.stats} {params.overrides} > {log} 2>&1"
 
 

@@ -20,6 +20,7 @@ rule distant:
         sentences=L.distant("{relation}", "sentences"),
         activations=L.distant("{relation}", "activations"),
     params:
+        record=L.benchmark(L.path("distant/{relation}")),
         overrides=stage_args("distant"),
         model=MODEL_FLAG,
     log:
@@ -34,7 +35,7 @@ rule distant:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.worker distant --relation {wildcards.relation} --threads {threads} {params.model} "
+        "python -m kn.worker --record {params.record} distant --relation {wildcards.relation} --threads {threads} {params.model} "
         "--in data={input.data} --in neurons={input.neurons} --in sentences={input.sentences} "
         "--in sentence_stats={input.sentence_stats} --out facts={output.facts} --out sentences={output.sentences} "
         "--out activations={output.activations} {params.overrides} > {log} 2>&1"
@@ -52,6 +53,7 @@ rule distant_summary:
         figure_png=report(L.path("distant/distant.png"), caption="../report/distant_figure.rst", category=DISTANT),
         figure_pdf=L.path("distant/distant.pdf"),
     params:
+        record=L.benchmark(L.path("distant/summary")),
         overrides=stage_args("distant_summary"),
         tables=keyed_args(**distant_tables()),
     log:
@@ -64,7 +66,7 @@ rule distant_summary:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.worker distant_summary {params.tables} --out fact_means={output.fact_means} "
+        "python -m kn.worker --record {params.record} distant_summary {params.tables} --out fact_means={output.fact_means} "
         "--out by_relation={output.by_relation} --out overall={output.overall} --out usability={output.usability} "
         "--out markdown={output.markdown} --out figure_png={output.figure_png} --out figure_pdf={output.figure_pdf} "
         "{params.overrides} > {log} 2>&1"
@@ -85,6 +87,7 @@ rule distant_triggers:
             labels={"relation": "{relation}"},
         ),
     params:
+        record=L.benchmark(L.path("distant/triggers/{relation}")),
         overrides=stage_args("distant_triggers"),
     log:
         L.log(L.path("distant/triggers/{relation}")),
@@ -96,7 +99,7 @@ rule distant_triggers:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.worker distant_triggers --relation {wildcards.relation} --in data={input.data} "
+        "python -m kn.worker --record {params.record} distant_triggers --relation {wildcards.relation} --in data={input.data} "
         "--in facts={input.facts} --in sentences={input.sentences} --in activations={input.activations} "
         "--out markdown={output.markdown} {params.overrides} > {log} 2>&1"
 

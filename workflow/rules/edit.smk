@@ -15,6 +15,7 @@ rule edit_update:
         summary_csv=report(L.path("edit/update_summary.csv"), caption="../report/update_summary.rst", category=EDITING),
         summary_md=L.path("edit/update_summary.md"),
     params:
+        record=L.benchmark(L.path("edit/update")),
         overrides=stage_args("edit_update"),
         model=MODEL_FLAG,
         study=EDIT_ARGS,
@@ -30,7 +31,7 @@ rule edit_update:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.worker edit_update --threads {threads} {params.study} {params.model} --out update={output.edits} "
+        "python -m kn.worker --record {params.record} edit_update --threads {threads} {params.study} {params.model} --out update={output.edits} "
         "--out summary_csv={output.summary_csv} --out summary_md={output.summary_md} "
         "{params.overrides} > {log} 2>&1"
 
@@ -43,6 +44,7 @@ rule edit_erase:
         erase_csv=report(L.path("edit/erase.csv"), caption="../report/erase.rst", category=EDITING),
         erase_md=L.path("edit/erase.md"),
     params:
+        record=L.benchmark(L.path("edit/erase")),
         overrides=stage_args("edit_erase"),
         model=MODEL_FLAG,
         study=EDIT_ARGS,
@@ -58,7 +60,7 @@ rule edit_erase:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.worker edit_erase --threads {threads} {params.study} {params.model} --out erase_csv={output.erase_csv} "
+        "python -m kn.worker --record {params.record} edit_erase --threads {threads} {params.study} {params.model} --out erase_csv={output.erase_csv} "
         "--out erase_md={output.erase_md} {params.overrides} > {log} 2>&1"
 
 

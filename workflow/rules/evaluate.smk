@@ -13,6 +13,7 @@ rule evaluate:
         results=L.evaluation("{relation}"),
         dose=L.dose("{relation}"),
     params:
+        record=L.benchmark(L.evaluation("{relation}")),
         overrides=stage_args("evaluate"),
         model=MODEL_FLAG,
         shards=lambda wc: shard_args(wc.relation),
@@ -28,7 +29,7 @@ rule evaluate:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.worker evaluate --relation {wildcards.relation} --threads {threads} {params.model} "
+        "python -m kn.worker --record {params.record} evaluate --relation {wildcards.relation} --threads {threads} {params.model} "
         "--in neurons={input.neurons} {params.shards} {params.data} "
         "--out results={output.results} --out dose={output.dose} {params.overrides} > {log} 2>&1"
 
@@ -49,6 +50,7 @@ rule evaluate_summary:
         dose_png=report(L.path("evaluate/dose_response.png"), caption="../report/dose_response.rst", category=EFFECTS),
         dose_pdf=L.path("evaluate/dose_response.pdf"),
     params:
+        record=L.benchmark(L.path("evaluate/summary")),
         overrides=stage_args("evaluate_summary"),
         tables=keyed_args(results=per_relation(L.evaluation), dose=per_relation(L.dose)),
     log:
@@ -61,7 +63,7 @@ rule evaluate_summary:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.worker evaluate_summary {params.tables} "
+        "python -m kn.worker --record {params.record} evaluate_summary {params.tables} "
         "--out json={output.json} --out csv={output.csv} --out markdown={output.markdown} "
         "--out dose_csv={output.dose_csv} --out suppress_png={output.suppress_png} "
         "--out suppress_pdf={output.suppress_pdf} --out amplify_png={output.amplify_png} "

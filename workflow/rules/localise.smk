@@ -9,6 +9,7 @@ rule localise:
     output:
         results=L.localisation("{relation}"),
     params:
+        record=L.benchmark(L.localisation("{relation}")),
         overrides=stage_args("localise"),
         model=MODEL_FLAG,
     log:
@@ -22,7 +23,7 @@ rule localise:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.worker localise --relation {wildcards.relation} --threads {threads} {params.model} "
+        "python -m kn.worker --record {params.record} localise --relation {wildcards.relation} --threads {threads} {params.model} "
         "--in data={input.data} --out results={output.results} {params.overrides} > {log} 2>&1"
 
 
@@ -35,6 +36,7 @@ rule localise_summary:
         png=report(L.path("localise/ceiling.png"), caption="../report/localise_figure.rst", category=EFFECTS),
         pdf=L.path("localise/ceiling.pdf"),
     params:
+        record=L.benchmark(L.path("localise/ceiling")),
         overrides=stage_args("localise_summary"),
         tables=keyed_args(results=per_relation(L.localisation)),
     log:
@@ -47,7 +49,7 @@ rule localise_summary:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.worker localise_summary {params.tables} --out csv={output.csv} --out json={output.json} "
+        "python -m kn.worker --record {params.record} localise_summary {params.tables} --out csv={output.csv} --out json={output.json} "
         "--out png={output.png} --out pdf={output.pdf} {params.overrides} > {log} 2>&1"
 
 

@@ -11,6 +11,7 @@ if TRAINED:
             metrics=L.path("training/metrics.json"),
             loss=report(L.path("training/loss.png"), caption="../report/training_loss.rst", category="1. Model"),
         params:
+            record=L.benchmark(L.path("training/train_model")),
             overrides=stage_args("train_model"),
         log:
             L.log(L.path("training/train_model")),
@@ -22,7 +23,7 @@ if TRAINED:
         conda:
             CONDA_ENV
         shell:
-            "python -m kn.worker train_model --out model={output.model} "
+            "python -m kn.worker --record {params.record} train_model --out model={output.model} "
             "--out card={output.card} --out metrics={output.metrics} --out loss={output.loss} "
             "{params.overrides} > {log} 2>&1"
 
@@ -36,6 +37,7 @@ rule probe:
     output:
         L.probe("{relation}"),
     params:
+        record=L.benchmark(L.probe("{relation}")),
         overrides=stage_args("probe"),
         model=MODEL_FLAG,
     log:
@@ -50,7 +52,7 @@ rule probe:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.worker probe --relation {wildcards.relation} --threads {threads} --in data={input.data} "
+        "python -m kn.worker --record {params.record} probe --relation {wildcards.relation} --threads {threads} --in data={input.data} "
         "{params.model} --out probe={output} {params.overrides} > {log} 2>&1"
 
 
@@ -64,6 +66,7 @@ rule probe_summary:
         csv=report(L.path("probe/accuracy.csv"), caption="../report/probe_accuracy.rst", category="1. Model"),
         md=L.path("probe/accuracy.md"),
     params:
+        record=L.benchmark(L.path("probe/accuracy")),
         overrides=stage_args("probe_summary"),
         model=MODEL_FLAG,
         tables=keyed_args(probe=per_relation(L.probe), data=per_relation(L.relation_prompts)),
@@ -78,7 +81,7 @@ rule probe_summary:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.worker probe_summary --threads {threads} {params.tables} {params.model} "
+        "python -m kn.worker --record {params.record} probe_summary --threads {threads} {params.tables} {params.model} "
         "--out csv={output.csv} --out md={output.md} {params.overrides} > {log} 2>&1"
 
 

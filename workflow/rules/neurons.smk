@@ -8,6 +8,7 @@ rule refine:
         neurons=L.neurons("{relation}"),
         summary=L.refine_record("{relation}"),
     params:
+        record=L.benchmark(L.neurons("{relation}")),
         overrides=stage_args("refine"),
         shards=lambda wc: shard_args(wc.relation),
     log:
@@ -21,7 +22,7 @@ rule refine:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.worker refine --relation {wildcards.relation} {params.shards} "
+        "python -m kn.worker --record {params.record} refine --relation {wildcards.relation} {params.shards} "
         "--out neurons={output.neurons} --out summary={output.summary} {params.overrides} > {log} 2>&1"
 
 
@@ -38,6 +39,7 @@ rule kn_analysis:
         figure_png=report(L.path("analysis/kneurons_distribution.png"), caption="../report/kneurons_distribution.rst", category="2. Knowledge neurons"),
         figure_pdf=L.path("analysis/kneurons_distribution.pdf"),
     params:
+        record=L.benchmark(L.path("analysis/kn_stats")),
         overrides=stage_args("kn_analysis"),
         tables=keyed_args(neurons=per_relation(L.neurons), record=per_relation(L.refine_record)),
     log:
@@ -50,7 +52,7 @@ rule kn_analysis:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.worker kn_analysis {params.tables} "
+        "python -m kn.worker --record {params.record} kn_analysis {params.tables} "
         "--out stats={output.stats} --out table={output.table} --out markdown={output.markdown} "
         "--out per_relation={output.per_relation} --out layers={output.layers} "
         "--out figure_png={output.figure_png} --out figure_pdf={output.figure_pdf} "

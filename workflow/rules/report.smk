@@ -84,6 +84,7 @@ rule summary:
         table=report(L.path("summary.csv"), caption="../report/summary_csv.rst", category=SUMMARY, labels={"file": "summary.csv"}),
         html=report(L.path("summary.html"), caption="../report/summary_html.rst", category=SUMMARY, labels={"file": "summary.html"}),
     params:
+        record=L.benchmark(L.path("summary")),
         overrides=stage_args("summary"),  # the whole config: the summary prints it, so any change reruns it
         inputs=" ".join(f"--in {name}={shlex.quote(path)}" for name, path in SUMMARY_INPUTS.items()),
         benchmarks=keyed_args(benchmark=ATTRIBUTION_BENCHMARKS, compare=COMPANION_SUMMARIES, compare_probe=COMPANION_PROBES),
@@ -97,7 +98,7 @@ rule summary:
     conda:
         CONDA_ENV
     shell:
-        "python -m kn.worker summary {params.inputs} {params.benchmarks} --out markdown={output.markdown} "
+        "python -m kn.worker --record {params.record} summary {params.inputs} {params.benchmarks} --out markdown={output.markdown} "
         "--out table={output.table} --out html={output.html} {params.overrides} > {log} 2>&1"
 
 

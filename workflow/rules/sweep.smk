@@ -49,6 +49,7 @@ if SWEEP_VARIANTS:
             ceiling_png=report(f"{RESULTS}/sweep/ceiling.png", caption="../report/sweep_ceiling.rst", category=SWEEP),
             ceiling_pdf=f"{RESULTS}/sweep/ceiling.pdf",
         params:
+            record=L.benchmark(f"{RESULTS}/sweep/summary"),
             records=lambda wc, input: " ".join(f"--in record:{Path(p).stem}={shlex.quote(p)}" for p in input.records),
             overrides=user_overrides(),
         log:
@@ -61,7 +62,7 @@ if SWEEP_VARIANTS:
         conda:
             CONDA_ENV
         shell:
-            "python -m kn.worker sweep_summary {params.records} --out csv={output.csv} "
+            "python -m kn.worker --record {params.record} sweep_summary {params.records} --out csv={output.csv} "
             "--out markdown={output.md} --out json={output.json} --out figure_png={output.png} "
             "--out figure_pdf={output.pdf} --out confidence_png={output.confidence_png} "
             "--out confidence_pdf={output.confidence_pdf} --out ceiling_png={output.ceiling_png} "

@@ -1,0 +1,98 @@
+"""Each job's own usage in its Snakemake benchmark file.
+
+Snakemake's ``benchmark:`` file samples the process tree of the job's shell command. A stage run
+through :mod:`kn.worker` computes in a process forked from the worker's server, outside that tree, so
+the sampled figures are the thin client's (~20 MB, ~0.1 CPU-s); a cold job longer than ~15 s is
+sampled every 30 s, so its last CPU seconds go unrecorded. The process that waits for the job knows
+its exact usage (``wait4``): the worker's supervisor, or the client itself when the job runs cold.
+
+``python -m kn.worker --record <benchmark file> <stage> ...`` appends that usage as one JSON line to
+``<benchmark file>.job.jsonl``. :func:`install` (called by the Snakefile, in every Snakemake process
+that runs jobs, cluster nodes included) wraps Snakemake's benchmark writer: when it writes a job's
+record it puts the job's CPU seconds, peak RSS, I/O and mean load in place of the sampled ones and
+removes the side file. Snakemake's columns and its ``s`` (the job's
+wall time as Snakemake saw it) stay; the memory figures it cannot know for the job (VMS, USS, PSS)
+become ``-``. A job without a side record keeps Snakemake's own figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+SUFFIX = ".job.jsonl"
+
+
+def side_path(benchmark: str | os.PathLike[str]) -> Path:
+    """Where a job's client leaves its usage for the benchmark writer."""
+    return Path(f"{os.fspath(benchmark)}{SUFFIX}")
+
+
+def append_line(path: str | os.PathLike[str], obj: dict[str, Any]) -> None:
+    """One JSON line in one O_APPEND write, so lines of concurrent writers do not interleave."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(obj) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def read_side_records(benchmark: str | os.PathLike[str], count: int) -> list[dict[str, Any]] | None:
+    """The last ``count`` usage lines left for ``benchmark`` (one per repeat of the job, in order), or
+    None when fewer were left (earlier lines come from failed runs of the same job)."""
+    path = side_path(benchmark)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return None
+    if len(lines) < count:
+        return None
+    try:
+        return [json.loads(line) for line in lines[-count:]]
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not a job usage line ({exc})") from exc
+
+
+def apply_usage(record: Any, usage: dict[str, Any]) -> None:
+    """Put a job's own usage into a ``snakemake.benchmark.BenchmarkRecord`` in Snakemake's units:
+    MB, CPU seconds, and ``cpu_usage`` in CPU-percent seconds (Snakemake's mean_load = cpu_usage / s)."""
+    record.cpu_time = float(usage["cpu_s"])
+    record.cpu_usage = 100.0 * float(usage["cpu_s"])
+    record.max_rss = float(usage["max_rss_mb"])
+    record.max_vms = record.max_uss = record.max_pss = None  # the client's, not the job's: written as '-'
+    record.io_in = float(usage.get("io_in_mb", 0.0))
+    record.io_out = float(usage.get("io_out_mb", 0.0))
+    record.data_collected = True
+
+
+def merge_side_records(records: Sequence[Any], benchmark: str | os.PathLike[str]) -> bool:
+    """Apply the job's side records to Snakemake's ``records`` for ``benchmark`` and remove the side
+    file; False (records untouched) if the job left none."""
+    usage = read_side_records(benchmark, len(records))
+    if usage is None:
+        return False
+    for record, line in zip(records, usage):
+        apply_usage(record, line)
+    side_path(benchmark).unlink(missing_ok=True)
+    return True
+
+
+def install() -> None:
+    """Wrap ``snakemake.benchmark.write_benchmark_records`` (once per process) so that it writes each
+    job's own usage. Snakemake's local executor imports the writer when a job finishes, so the wrapper
+    is what it calls."""
+    import snakemake.benchmark as benchmark
+
+    if getattr(benchmark.write_benchmark_records, "kn_job_records", False):
+        return
+    write = benchmark.write_benchmark_records
+
+    def write_job_records(records: Sequence[Any], path: str, extended_fmt: bool) -> None:
+        merge_side_records(records, path)
+        write(records, path, extended_fmt)
+
+    write_job_records.kn_job_records = True  # type: ignore[attr-defined]
+    benchmark.write_benchmark_records = write_job_records
