@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from kn.config import ConfigError, compose_config
 from kn.data.pararel import build_bags
 from kn.io import read_parquet, write_parquet
+from kn.schema import fraction_keys
 from kn.stages import attribute, ingest_relation, probe
 from kn.stages.cli import run_stage
 
@@ -137,6 +139,46 @@ def test_bad_key_in_a_yaml_file_is_named(tmp_path: Path) -> None:
 def test_unset_mandatory_key_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"config key 'model.path' has no value .*model.path=\.\.\."):
         compose_config(["model=hf", "model.name=tiny"])
+
+
+FRACTIONS = fraction_keys()
+THRESHOLDS = ("ig.storage_ratio", "refine.t", "refine.t_base")
+
+
+def test_the_fraction_keys_are_the_configs() -> None:
+    cfg = compose_config([])
+    assert {"refine.t", "refine.p", "ig.storage_ratio", "distant.max_unk_share"} <= set(FRACTIONS)
+    for key in FRACTIONS:  # each names a key of the composed config (null only where the key is optional)
+        assert OmegaConf.select(cfg, key, default="absent") != "absent", key
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1])
+@pytest.mark.parametrize("key", sorted(FRACTIONS))
+def test_a_fraction_out_of_range_names_the_key_and_its_range(key: str, value: float) -> None:
+    with pytest.raises(ConfigError) as info:
+        compose_config([f"{key}={value}"])
+    assert str(info.value) == f"config key {key!r} = {value}; expected a fraction, {FRACTIONS[key]}"
+
+
+@pytest.mark.parametrize("key", sorted(FRACTIONS))
+def test_a_fractions_open_ends_are_enforced(key: str) -> None:
+    allowed = FRACTIONS[key]
+    for end, is_open in ((0, allowed.low_open), (1, allowed.high_open)):
+        overrides = [f"{key}={end}"]
+        if key in THRESHOLDS and end == 1:  # thresholds must stay >= the stored ratio
+            overrides = [f"{k}=1" for k in THRESHOLDS]
+        if is_open:
+            with pytest.raises(ConfigError, match=f"config key '{key}' = {end}; expected a fraction"):
+                compose_config(overrides)
+        else:
+            compose_config(overrides)
+
+
+@pytest.mark.slow
+def test_a_fraction_out_of_range_stops_snakemake(tmp_path: Path) -> None:
+    result = run_snakemake([], [f"results_dir={tmp_path}", "refine.t=1.5"], "-n", timeout=120)
+    assert result.returncode != 0
+    assert "config key 'refine.t' = 1.5; expected a fraction, 0 < value <= 1" in result.stdout + result.stderr
 
 
 def test_threshold_below_the_stored_floor_names_both_keys_and_the_fix() -> None:

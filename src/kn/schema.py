@@ -2,7 +2,8 @@
 
 Hydra already rejects overrides of unknown keys; this adds type checks on every value
 (including those set in YAML files) by merging the composed config into dataclasses. The
-dataclasses carry no defaults: conf/config.yaml is the one source of values.
+dataclasses carry no defaults: conf/config.yaml is the one source of values. Fractions and
+probabilities are declared with :func:`fraction` and checked against their range.
 """
 
 from __future__ import annotations
@@ -18,6 +19,25 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseException
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a fraction or probability may take: [0, 1], with either end excluded."""
+
+    low_open: bool
+    high_open: bool
+
+    def contains(self, value: float) -> bool:
+        return (0 < value if self.low_open else 0 <= value) and (value < 1 if self.high_open else value <= 1)
+
+    def __str__(self) -> str:
+        return f"0 {'<' if self.low_open else '<='} value {'<' if self.high_open else '<='} 1"
+
+
+def fraction(*, low_open: bool = False, high_open: bool = False) -> Any:
+    """A field holding a fraction or probability: validate_config checks its range (no default: the YAML gives it)."""
+    return dataclasses.field(metadata={"range": Range(low_open, high_open)})
+
+
 @dataclass
 class TrainConfig:
     """The kn-tiny recipe (conf/model/kn-tiny.yaml documents each knob and why it has its value)."""
@@ -27,16 +47,16 @@ class TrainConfig:
     hidden_size: int
     intermediate_size: int
     num_heads: int
-    dropout: float
+    dropout: float = fraction(high_open=True)
     max_steps: int
-    target_accuracy: Optional[float]
+    target_accuracy: Optional[float] = fraction(low_open=True)
     eval_every: int
     eval_sample: int
     batch_size: int
     lr: float
     weight_decay: float
     warmup_steps: int
-    other_mask_prob: float
+    other_mask_prob: float = fraction()
     heldout_templates: int
     heldout_min_templates: int
     vocab_size: int
@@ -82,7 +102,7 @@ class IGConfig:
     m: int
     alpha_rule: str
     target: str
-    storage_ratio: float
+    storage_ratio: float = fraction(low_open=True)
     facts_per_shard: int
     batch_size: int
     dtype: str
@@ -90,15 +110,15 @@ class IGConfig:
 
 @dataclass
 class RefineConfig:
-    t: float
-    t_base: float
-    p: float
-    p_step: float
+    t: float = fraction(low_open=True)
+    t_base: float = fraction(low_open=True)
+    p: float = fraction(low_open=True)
+    p_step: float = fraction(low_open=True)
     max_evals: int
     target_min: float
     target_max: float
     min_prompts: int
-    relation_share: float
+    relation_share: float = fraction(low_open=True)
 
 
 @dataclass
@@ -153,7 +173,7 @@ class DistantConfig:
     trigger_relations: list[str]
     trigger_lines: int
     batch_size: int
-    max_unk_share: float
+    max_unk_share: float = fraction()
 
 
 @dataclass
@@ -246,8 +266,10 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'model.train.architecture' = {cfg.model.train.architecture!r}; expected one of ['bert', 'gpt2']")
     if cfg.model.source == "pretrained" and not cfg.model.path:
         raise ConfigError("config key 'model.path' must name a Hugging Face id or local directory")
-    if not 0 < cfg.ig.storage_ratio <= 1:
-        raise ConfigError(f"config key 'ig.storage_ratio' = {cfg.ig.storage_ratio}; expected 0 < ratio <= 1")
+    for key, allowed in fraction_keys().items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not allowed.contains(value):
+            raise ConfigError(f"config key {key!r} = {value}; expected a fraction, {allowed}")
     for key in ("refine.t", "refine.t_base"):
         value = OmegaConf.select(cfg, key)
         if value < cfg.ig.storage_ratio:
@@ -258,6 +280,19 @@ def validate_config(cfg: DictConfig) -> None:
             )
     if cfg.ig.m < 1:
         raise ConfigError(f"config key 'ig.m' = {cfg.ig.m}; expected >= 1")
+
+
+def fraction_keys(section: type = KNConfig, prefix: str = "") -> dict[str, Range]:
+    """Every fraction or probability of the config (fields declared with :func:`fraction`), by dotted key."""
+    keys: dict[str, Range] = {}
+    for item in dataclasses.fields(section):
+        key = f"{prefix}{item.name}"
+        if "range" in item.metadata:
+            keys[key] = item.metadata["range"]
+        child = _section_type(section, item.name)
+        if child is not None:
+            keys.update(fraction_keys(child, f"{key}."))
+    return keys
 
 
 def unknown_key_message(key: str) -> str:
