@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ from kn.markdown import markdown_table
 from kn.paper_numbers import PAPER_NUMBERS, PaperNumber
 
 NOT_RUN = "not run"
+PAPER = {number.key: number for number in PAPER_NUMBERS}
 
 
 @dataclass
@@ -141,6 +143,94 @@ def localisation_text(run: RunResults) -> str:
         f"{_pct(row['attn_mask_all'], 1)}. One layer's FFN at the target position, by layer (1-based): {per_layer}. "
         "Per relation: localise/ceiling.csv; figure: localise/ceiling.png."
     )
+
+
+def _effect(run: RunResults, method: str, metric: str) -> pd.Series | None:
+    """The mean-over-relations row of one method's effect (all facts), if the run has it."""
+    return None if run.evaluate is None else _one(run.evaluate, relation="mean", metric=metric, variant="all", method=method)
+
+
+def _with_ci(row: pd.Series) -> str:
+    return f"{_pct(row['ratio'], 1)} [{_pct(row['ci_low'], 1)}, {_pct(row['ci_high'], 1)}]"
+
+
+def _model_line(cfg: Any, run: RunResults) -> tuple[str, bool | None]:
+    """What the model knows, and whether it beats always answering each relation's commonest object."""
+    trained = "trained by this pipeline" if cfg.model.source == "trained" else f"loaded from `{cfg.model.path}`"
+    mean = None if run.probe is None else _one(run.probe, relation="mean")
+    if mean is None:
+        return f"Model: `{cfg.model.name}` ({trained}); what it knows was not measured (the probe did not run).", None
+    learned = bool(mean["train_accuracy"] > mean["majority_baseline"])
+    heldout = "" if pd.isna(mean["heldout_accuracy"]) else f", {mean['heldout_accuracy']:.0%} on held-out templates"
+    text = (f"Model: `{cfg.model.name}` ({trained}) answers {mean['train_accuracy']:.0%} of its prompts top-1{heldout} "
+            f"(mean gold probability {_num(mean['train_gold_prob'], 2)}; always answering each relation's commonest "
+            f"object: {mean['majority_baseline']:.0%})")
+    return text + ("." if learned else ": no better than that, so it has not learned its facts."), learned
+
+
+def _ceiling_line(run: RunResults) -> tuple[str, float | None]:
+    row = _ceiling(run)
+    if row is None:
+        return "Where its facts live: not measured (the localise stage did not run).", None
+    text = (f"Where its facts live: zeroing every FFN neuron at the answer position changes the gold probability by "
+            f"{_pct(row['ffn_mask_all'], 1)} [{_pct(row['ffn_mask_all_ci_low'], 1)}, {_pct(row['ffn_mask_all_ci_high'], 1)}], "
+            f"the most any knowledge-neuron suppression there can do; the attention output there: "
+            f"{_pct(row['attn_mask_all'], 1)}; the FFNs at the subject's tokens: {_pct(row['ffn_subject_all'], 1)}.")
+    return text, float(row["ffn_mask_all"])
+
+
+def _neurons_line(run: RunResults) -> str:
+    if run.kn_stats is None:
+        return "Knowledge neurons: not run."
+    methods = run.kn_stats.get("methods", {})
+    ig, base = methods.get("ig", {}), methods.get("base", {})
+    text = (f"Knowledge neurons: integrated gradients select {_num(ig.get('avg_kn_per_fact'), 1)} per fact "
+            f"(activation baseline {_num(base.get('avg_kn_per_fact'), 1)}; the paper: {PAPER['avg_kn'].paper} on "
+            "bert-base-cased)")
+    shares = run.kn_stats.get("layer_share", {}).get("ig")
+    if shares:
+        top = max(range(len(shares)), key=lambda layer: shares[layer])
+        text += f", {shares[top]:.0%} of them in layer {top + 1} of {len(shares)}"
+    return text + "."
+
+
+def _effects_line(run: RunResults, ceiling: float | None) -> tuple[str, bool | None]:
+    """Suppressing and amplifying the IG neurons beside the random-neuron control; whether the effect holds
+    (both 95% CIs clear of 0 and of the random control's mean effect)."""
+    suppress, amplify = _effect(run, "ig", "suppress_own"), _effect(run, "ig", "amplify_own")
+    if suppress is None or amplify is None:
+        return "Suppressing and amplifying them: not run.", None
+    text = f"Suppressing them (×0) changes the gold probability by {_with_ci(suppress)}"
+    if ceiling:
+        text += f", {suppress['ratio'] / ceiling:.0%} of that ceiling"
+    text += f"; amplifying them (×2) by {_with_ci(amplify)}"
+    holds = bool(suppress["ci_high"] < 0 and amplify["ci_low"] > 0)
+    random_suppress, random_amplify = _effect(run, "random", "suppress_own"), _effect(run, "random", "amplify_own")
+    if random_suppress is None or random_amplify is None:
+        return text + ". No random-neuron control ran (evaluate.random_control).", holds
+    holds = holds and bool(suppress["ci_high"] < random_suppress["ratio"] and amplify["ci_low"] > random_amplify["ratio"])
+    return (text + f". As many random neurons from the same layers (the negative control): {_pct(random_suppress['ratio'], 1)} "
+            f"/ {_pct(random_amplify['ratio'], 1)}."), holds
+
+
+def verdict_lines(cfg: Any, run: RunResults) -> list[str]:
+    """The run in five lines, read from its files: the model and what it knows, where its facts live, the
+    knowledge neurons found, what suppressing them does beside the negative control, and the verdict."""
+    model, learned = _model_line(cfg, run)
+    where, ceiling = _ceiling_line(run)
+    effects, holds = _effects_line(run, ceiling)
+    if learned is False:
+        conclusion = ("No claim: the model answers no better than the commonest object, and attribution finds "
+                      "\"knowledge neurons\" in models that know nothing (docs/organisms.md).")
+    elif holds is None or learned is None:
+        conclusion = "No verdict: the stages it needs did not run."
+    elif holds:
+        conclusion = ("Knowledge neurons found: suppressing them lowers and amplifying them raises the gold probability, "
+                      "both 95% intervals clear of 0 and of the random control.")
+    else:
+        conclusion = ("Knowledge neurons not shown: the suppression or amplification interval reaches 0 or the "
+                      "random control's effect.")
+    return [model, where, _neurons_line(run), effects, f"Verdict: {conclusion}"]
 
 
 def _distant(run: RunResults, _p: PaperNumber) -> tuple[str, str, str]:
@@ -302,6 +392,8 @@ def summary_markdown(cfg: Any, comparison: pd.DataFrame, model_card: str | None,
         [
             f"# Knowledge neurons: run summary for `{cfg.model.name}`",
             "",
+            *(f"- {line}" for line in verdict_lines(cfg, run)),
+            "",
             "Reproduction of Dai et al. (ACL 2022), *Knowledge Neurons in Pretrained Transformers*. The paper's numbers "
             "and their status markers come from SPEC §12 (`src/kn/paper_numbers.py`): [DATA] checked on the data, "
             "[2nd] agreed on by secondary summaries, [mem] unverified recollection. This run's numbers are read from "
@@ -359,8 +451,13 @@ CSS = (
 )
 
 
+def _inline_code(text: str) -> str:
+    """Markdown's `code` spans as HTML, the rest escaped."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
+
+
 def summary_html(cfg: Any, comparison: pd.DataFrame, model_card: str | None, tables: dict[str, pd.DataFrame],
-                 others: dict[str, pd.DataFrame] | None = None) -> str:
+                 others: dict[str, pd.DataFrame] | None = None, verdict: list[str] | None = None) -> str:
     """A self-contained page (no scripts, no external files) the Snakemake report shows inline."""
 
     def table(frame: pd.DataFrame) -> str:
@@ -370,6 +467,7 @@ def summary_html(cfg: Any, comparison: pd.DataFrame, model_card: str | None, tab
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>kn summary: {html.escape(cfg.model.name)}</title>",
         f"<style>{CSS}</style></head><body>",
         f"<h1>Knowledge neurons: run summary for <code>{html.escape(cfg.model.name)}</code></h1>",
+        "<ul>" + "".join(f"<li>{_inline_code(line)}</li>" for line in verdict or []) + "</ul>",
         "<p>Paper numbers and status markers from SPEC §12 (<code>src/kn/paper_numbers.py</code>); this run's numbers "
         "read from its result files. Numbers of a different model or a subset of facts are read side by side, not "
         "expected to match.</p>",

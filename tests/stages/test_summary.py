@@ -49,10 +49,14 @@ def test_summary_writes_table_markdown_and_html(tmp_path: Path) -> None:
     assert table.loc["Suppress (×0): Δ correct probability", "this_run"] == "not run"  # file given but never written
     markdown = (tmp_path / "out" / "summary.md").read_text()
     assert "## Paper vs this run" in markdown and "### Model card: tiny" in markdown
+    opening = markdown.split("\n\n")[1].splitlines()  # the verdict, right under the title
+    assert len(opening) == 5 and opening[2].startswith("- Knowledge neurons: integrated gradients select 2.5 per fact")
+    assert opening[4] == "- Verdict: No verdict: the stages it needs did not run."
     assert "study:\n  facts_per_relation: 4" in markdown  # the run's config, as composed
     page = (tmp_path / "out" / "summary.html").read_text()
     assert "Activating prompts (SPEC §6), overall" in page and "<pre># Model card: tiny" in page
     assert page.count("<table") == 2  # the comparison and the one study table given
+    assert "<li>Model: <code>tiny</code> (trained by this pipeline); what it knows was not measured" in page
 
 
 def test_summary_names_a_malformed_input(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from kn.summary import (
     paper_vs_run,
     summary_html,
     summary_markdown,
+    verdict_lines,
     vocabulary_coverage,
 )
 from kn.tables import CEILING, DISTANT_OVERALL, EFFECT_SUMMARY, ERASE, PROBE_ACCURACY, UPDATE_SUMMARY, CsvTable
@@ -113,7 +114,7 @@ def main(args: StageArgs) -> None:
     record = provenance(cfg, "summary")
     write_text(args.output("table"), comparison[COLUMNS].to_csv(index=False))
     write_text(args.output("markdown"), summary_markdown(cfg, comparison, model_card, run, others, coverage) + provenance_footer(record))
-    write_text(args.output("html"), summary_html(cfg, comparison, model_card, tables, others))
+    write_text(args.output("html"), summary_html(cfg, comparison, model_card, tables, others, verdict_lines(cfg, run)))
     for row in comparison.itertuples(index=False):
         log.info("%s: paper %s | this run %s", row.experiment, row.paper, row.this_run)
 
