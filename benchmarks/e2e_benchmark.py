@@ -153,7 +153,7 @@ def efficiency(stages: Sequence[StageTime], total_wall_s: float, all_cpu_s: floa
 
 
 def markdown(stages: Sequence[StageTime], total_wall_s: float, context: dict[str, str]) -> str:
-    """The per-stage table plus the total, as the README shows it."""
+    """The per-stage table plus the total, as docs/performance.md shows it."""
     lines = [
         "| stage (rule) | jobs | wall s (sum over jobs) | mean s/job | max s/job | CPU s | peak RSS MB |",
         "|---|---:|---:|---:|---:|---:|---:|",
