@@ -3,10 +3,16 @@ the job ran through the stage worker (outside Snakemake's process tree) or cold 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +20,7 @@ from snakemake.benchmark import BenchmarkRecord, write_benchmark_records
 
 from kn import jobrecord
 
-from .snakemake_runs import REPO, run_snakemake
+from .snakemake_runs import REPO, offline_env, run_snakemake
 from .standins import write_bert_standin
 
 RELATION = "P101"
@@ -100,3 +106,43 @@ def test_an_attribution_jobs_record_holds_its_own_cpu_and_memory(heavy_model, tm
         assert float(attribute["max_rss"]) == pytest.approx(served["attribute"]["max_rss_mb"], abs=0.06)
     else:
         assert served == {}  # nothing ran in a server
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+def test_a_cold_job_with_a_record_reports_its_exit_and_dies_with_its_client(tmp_path, broken_patterns) -> None:
+    env = offline_env(KN_WORKER="0")
+    record = tmp_path / "failing.tsv"
+    failing = subprocess.run(
+        [sys.executable, "-m", "kn.worker", "--record", str(record), "ingest_relation", "--relation", RELATION,
+         f"--out=prompts={tmp_path / 'out.parquet'}", f"data.resources_dir={broken_patterns}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert failing.returncode == 1 and "P101.jsonl:2: malformed JSON line" in failing.stderr
+    [line] = [json.loads(text) for text in jobrecord.side_path(record).read_text().splitlines()]
+    assert line["exit"] == 1 and line["cpu_s"] > 0 and line["max_rss_mb"] > 0
+
+    out = tmp_path / "never"
+    client = subprocess.Popen(  # training 10^6 steps: runs for hours unless stopped
+        [sys.executable, "-m", "kn.worker", "--record", str(tmp_path / "train.tsv"), "train_model",
+         f"--out=model={out}", f"--out=card={out}.md", f"--out=metrics={out}.json", f"--out=loss={out}.png",
+         "model.train.max_steps=1000000", "model.train.target_accuracy=null"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not _children(client.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [job] = _children(client.pid)
+    try:
+        time.sleep(2)
+        os.kill(client.pid, signal.SIGKILL)  # as Snakemake kills a job's shell
+        client.wait()
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{job}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{job}").exists() and not out.exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(job, signal.SIGKILL)
