@@ -3,22 +3,25 @@
 #   bash scripts/slurm_cluster.sh start    # install the packages if missing, configure, start, wait until the node is idle
 #   bash scripts/slurm_cluster.sh stop     # cancel every job, stop the daemons this script started
 #   bash scripts/slurm_cluster.sh status   # exit 0 iff the node answers (prints sinfo)
-#   eval "$(bash scripts/slurm_cluster.sh env)"   # SLURM_CONF for sinfo/sbatch/squeue in this shell
 # One node ("localhost": this machine's CPUs and memory, two stand-in GPUs so that GPU requests are
 # scheduled and get CUDA_VISIBLE_DEVICES; no GPU behind them), one partition ("debug"). No accounting database: Snakemake's slurm
 # executor is told to poll squeue (MinJobAge keeps finished jobs visible there for 10 minutes).
 # Container-friendly: no cgroups (proctrack/linuxproc, task/none); memory limits are enforced by polling
 # (jobacct_gather/linux + OverMemoryKill, every second). Daemons listen on 127.0.0.1 only, on ports 16817/16818.
-# Everything lives in $KN_SLURM_DIR (default /tmp/kn-slurm): slurm.conf, gres.conf, state, spool, logs, pid files.
-# start and stop are idempotent.
+# slurm.conf and gres.conf go to /etc/slurm, where every SLURM command looks (Snakemake's jobstep executor
+# drops SLURM_* variables, SLURM_CONF included, before it calls srun inside a job); start refuses to replace
+# a slurm.conf it did not write, and stop removes its own. State, spool, logs and pid files live in
+# $KN_SLURM_DIR (default /tmp/kn-slurm). start and stop are idempotent.
 set -euo pipefail
 
 DIR="${KN_SLURM_DIR:-/tmp/kn-slurm}"
-CONF="$DIR/slurm.conf"
+ETC=/etc/slurm
+CONF="$ETC/slurm.conf"
+MARK="# Written by scripts/slurm_cluster.sh: a single-node test cluster."
 NODE=localhost
 PARTITION=debug
 WAIT_S="${KN_SLURM_WAIT_S:-90}"
-export SLURM_CONF="$CONF"
+unset SLURM_CONF
 
 die() { echo "slurm_cluster.sh: $*" >&2; exit 1; }
 
@@ -80,8 +83,12 @@ write_conf() {
   mem="$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')"
   [ -n "$mem" ] || die "'slurmd -C' did not report RealMemory"
   mem=$(( mem * 95 / 100 ))
+  if [ -f "$CONF" ] && [ "$(head -n 1 "$CONF")" != "$MARK" ]; then
+    die "$CONF exists and was not written by this script (a real cluster's?); not replacing it"
+  fi
+  mkdir -p "$ETC"
   cat >"$CONF.new" <<EOF
-# Written by scripts/slurm_cluster.sh: a single-node test cluster.
+$MARK
 ClusterName=kn-test
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort=16817
@@ -122,7 +129,7 @@ EOF
   for i in 0 1; do
     [ -c "$DIR/gpu$i" ] || mknod -m 0666 "$DIR/gpu$i" c 1 3
   done
-  echo "NodeName=$NODE Name=gpu File=$DIR/gpu[0-1]" >"$DIR/gres.conf"
+  echo "NodeName=$NODE Name=gpu File=$DIR/gpu[0-1]" >"$ETC/gres.conf"
   mv "$CONF.new" "$CONF"
 }
 
@@ -153,7 +160,7 @@ start() {
     done
     state="$(node_state)"
     case "$state" in
-      idle|mixed|allocated) echo "[slurm] node $NODE is $state (SLURM_CONF=$CONF)" >&2; return 0 ;;
+      idle|mixed|allocated) echo "[slurm] node $NODE is $state ($CONF)" >&2; return 0 ;;
       drained|draining|drain*|down*)  # left drained or down by an earlier run: give it back
         scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true ;;
       inval*)
@@ -196,6 +203,9 @@ stop() {
     stop_pid munged "$DIR/munge/munged.pid"
     rm -f "$DIR/munged.ours"
   fi
+  if [ -f "$CONF" ] && [ "$(head -n 1 "$CONF")" = "$MARK" ]; then
+    rm -f "$CONF" "$ETC/gres.conf"
+  fi
   echo "[slurm] stopped (logs kept in $DIR)" >&2
 }
 
@@ -205,6 +215,5 @@ case "${1:-}" in
   status)
     alive "$DIR/slurmctld.pid" || die "no slurmctld running from $DIR"
     sinfo -N -o '%N %T %c %m %G' ;;
-  env) echo "export SLURM_CONF=$CONF" ;;
-  *) echo "usage: bash scripts/slurm_cluster.sh start|stop|status|env" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/slurm_cluster.sh start|stop|status" >&2; exit 2 ;;
 esac
