@@ -72,7 +72,7 @@ def mode_of(cpu: bool) -> Mode:
 
     cores = os.cpu_count() or 1
     return Mode("cuda", {"base": SHAPES["base"], "large": LARGE_SHAPE}, {"base": 4, "large": 2},
-                (20, 320, 1280), 4.0, 2048, cores, cores)
+                (20, 160, 640), 3.0, 2048, cores, cores)
 
 
 def paper_settings() -> Any:
@@ -207,8 +207,8 @@ def step_agree(mode: Mode, work: Path) -> dict[str, Any]:
 
 
 def time_ig(model: Any, encoded: Any, gold: Any, cfg: Any, batch_size: int, dtype: Any, seconds: float) -> dict[str, Any]:
-    """Prompts/s of ig_attribution on at most about ``seconds`` worth of prompts (at least two chunks), sized
-    from a warm-up run on one chunk, and the device memory peak of the timed run."""
+    """Prompts/s of ig_attribution on about ``seconds`` worth of prompts (at least two chunks), sized from a
+    calibration run on one chunk after a warm-up run on one chunk, and the device memory peak of the timed run."""
     import torch
 
     from kn.attribution import ig_attribution
@@ -227,8 +227,8 @@ def time_ig(model: Any, encoded: Any, gold: Any, cfg: Any, batch_size: int, dtyp
     row: dict[str, Any] = {"batch_size": batch_size, "dtype": str(dtype).removeprefix("torch.")}
     chunk = min(len(encoded), max(1, batch_size // int(cfg.ig.m)))
     try:
-        warm_up = run(chunk)  # includes one-off costs (kernel selection, allocator growth): n errs on the short side
-        n = min(len(encoded), max(2 * chunk, int(chunk * seconds / warm_up)))
+        run(chunk)  # one-off costs (CUDA and cuBLAS start-up, kernel selection, allocator growth)
+        n = min(len(encoded), max(2 * chunk, int(chunk * seconds / run(chunk))))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         wall = run(n)
