@@ -123,6 +123,9 @@ def test_the_verdict_reads_the_run_in_five_lines() -> None:
 
 def test_the_verdict_follows_the_evidence() -> None:
     assert verdict_lines(_cfg(), _full_run(random_suppress=-0.25))[4].startswith("Verdict: Knowledge neurons not shown")
+    beyond = _full_run()
+    beyond.ceiling["ffn_mask_all"] = -0.001  # a model whose [MASK] FFNs hold nothing
+    assert "[-30.0%, -20.0%], not within that ceiling; amplifying" in verdict_lines(_cfg(), beyond)[3]
     unlearned = verdict_lines(_cfg(), _full_run(train_accuracy=0.25))
     assert unlearned[0].endswith("25%): no better than that, so it has not learned its facts.")
     assert unlearned[4].startswith("Verdict: No claim")

@@ -201,8 +201,9 @@ def _effects_line(run: RunResults, ceiling: float | None) -> tuple[str, bool | N
     if suppress is None or amplify is None:
         return "Suppressing and amplifying them: not run.", None
     text = f"Suppressing them (×0) changes the gold probability by {_with_ci(suppress)}"
-    if ceiling:
-        text += f", {suppress['ratio'] / ceiling:.0%} of that ceiling"
+    if ceiling:  # a subset of neurons can do more than zeroing them all, e.g. in a model that knows nothing
+        share = suppress["ratio"] / ceiling
+        text += f", {share:.0%} of that ceiling" if 0 <= share <= 1 else ", not within that ceiling"
     text += f"; amplifying them (×2) by {_with_ci(amplify)}"
     holds = bool(suppress["ci_high"] < 0 and amplify["ci_low"] > 0)
     random_suppress, random_amplify = _effect(run, "random", "suppress_own"), _effect(run, "random", "amplify_own")
