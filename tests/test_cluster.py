@@ -46,3 +46,7 @@ def test_fake_cluster_run_equals_local_run(tmp_path: Path) -> None:
         pd.testing.assert_frame_equal(read_parquet(cluster_dir / name), read_parquet(local_dir / name), check_exact=True)
     assert _stats_without_provenance(cluster_dir / target) == _stats_without_provenance(local_dir / target)
     assert len(read_parquet(cluster_dir / "data/facts.parquet")) == 6
+    # Each remote job's own Snakemake wrote the job's usage into its benchmark file (kn.jobrecord).
+    records = [pd.read_csv(path, sep="\t").iloc[-1] for path in (cluster_dir / "benchmarks").rglob("*.tsv")]
+    assert len(records) == 3 and all(r["max_vms"] == "-" and r["cpu_time"] > 0 for r in records)
+    assert not list((cluster_dir / "benchmarks").rglob("*.jsonl"))
