@@ -22,7 +22,6 @@ jobs ``snakemake -n`` would run after a one-relation override. Writes ``report.m
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -38,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from kn.jobrecord import read_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
@@ -70,23 +71,6 @@ def benchmark_rules(log_text: str) -> dict[str, str]:
         if bench and current is not None:
             rules[str(Path(bench.group(1).strip()).resolve())] = current
     return rules
-
-
-def read_benchmark(path: Path) -> dict[str, float]:
-    """The last row of a Snakemake benchmark TSV (one row per repeat; we never repeat)."""
-    with open(path, encoding="utf-8", newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
-    if not rows:
-        raise ValueError(f"{path}: empty benchmark file")
-    return {key: _number(value) for key, value in rows[-1].items() if key != "h:m:s"}
-
-
-def _number(text: str | None) -> float:
-    """Benchmark cells are numbers or '-' (not measured, e.g. jobs shorter than the sampling interval)."""
-    try:
-        return float(text) if text not in (None, "", "-", "NA") else 0.0
-    except ValueError:
-        return 0.0
 
 
 def read_usage(path: Path) -> list[dict]:

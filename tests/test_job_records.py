@@ -146,3 +146,15 @@ def test_a_cold_job_with_a_record_reports_its_exit_and_dies_with_its_client(tmp_
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(job, signal.SIGKILL)
+
+
+def test_a_benchmark_file_reads_as_numbers_and_a_bad_one_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "job.tsv"
+    path.write_text("s\th:m:s\tmax_rss\tmax_vms\tcpu_time\n1.0\t0:00:01\t5\t5\t0.5\n2.5\t0:00:02\t840.5\t-\tNA\n")
+    assert jobrecord.read_benchmark(path) == {"s": 2.5, "max_rss": 840.5, "max_vms": 0.0, "cpu_time": 0.0}
+    path.write_text("s\th:m:s\n")
+    with pytest.raises(ValueError, match=r"job\.tsv: no benchmark row with a column 's'"):
+        jobrecord.read_benchmark(path)
+    path.write_text("s\tcpu_time\n1.0\tlots\n")
+    with pytest.raises(ValueError, match=r"job\.tsv: column 'cpu_time' = 'lots' is not a number"):
+        jobrecord.read_benchmark(path)

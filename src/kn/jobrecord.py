@@ -12,17 +12,38 @@ that runs jobs, cluster nodes included) wraps Snakemake's benchmark writer: when
 record it puts the job's CPU seconds, peak RSS, I/O and mean load in place of the sampled ones and
 removes the side file. Snakemake's columns and its ``s`` (the job's
 wall time as Snakemake saw it) stay; the memory figures it cannot know for the job (VMS, USS, PSS)
-become ``-``. A job without a side record keeps Snakemake's own figures.
+become ``-``. A job without a side record keeps Snakemake's own figures. :func:`read_benchmark` is
+how the pipeline and its benchmarks read those files back.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 SUFFIX = ".job.jsonl"
+NOT_MEASURED = ("", "-", "NA")  # how Snakemake writes a figure it has none of
+
+
+def read_benchmark(path: str | os.PathLike[str]) -> dict[str, float]:
+    """The last row of a Snakemake benchmark file (one row per repeat; the pipeline never repeats) as
+    numbers, without ``h:m:s``; a figure that was not measured reads as 0.0."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    if not rows or "s" not in rows[-1]:
+        raise ValueError(f"{path}: no benchmark row with a column 's'; expected a Snakemake benchmark file")
+    numbers = {}
+    for key, text in rows[-1].items():
+        if key == "h:m:s":
+            continue
+        try:
+            numbers[key] = 0.0 if text in NOT_MEASURED else float(text)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: column {key!r} = {text!r} is not a number") from None
+    return numbers
 
 
 def side_path(benchmark: str | os.PathLike[str]) -> Path:

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
+from kn.jobrecord import read_benchmark
 from kn.tables import layers_and_units
 
 HEADLINE_METRICS = ("suppress_own", "amplify_own")
@@ -98,7 +99,7 @@ def job_seconds(benchmarks: Sequence[Path]) -> float:
     """Summed wall seconds of the given Snakemake benchmark files: a variant's honest cost."""
     if not benchmarks:
         raise FileNotFoundError("no benchmark files given; did the variant's run finish?")
-    return float(sum(pd.read_csv(path, sep="\t")["s"].sum() for path in benchmarks))
+    return sum(read_benchmark(path)["s"] for path in benchmarks)
 
 
 def ig_neuron_table(rows: Sequence[Sequence[Any]]) -> pd.DataFrame:

@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from kn.io import provenance, write_text
+from kn.jobrecord import read_benchmark
 from kn.markdown import provenance_footer
 from kn.stages.cli import StageArgs, run_stage
 from kn.summary import (
@@ -71,13 +72,7 @@ def _csv(path: Path | None, table: CsvTable | None = None) -> pd.DataFrame | Non
 
 def benchmark_seconds(paths: dict[str, Path]) -> list[float]:
     """Wall seconds (column ``s``) of each Snakemake benchmark file."""
-    seconds = []
-    for path in paths.values():
-        table = pd.read_csv(path, sep="\t")
-        if "s" not in table.columns or table.empty:
-            raise ValueError(f"{path}: no column 's'; expected a Snakemake benchmark file")
-        seconds.append(float(table["s"].iloc[-1]))
-    return seconds
+    return [read_benchmark(path)["s"] for path in paths.values()]
 
 
 def main(args: StageArgs) -> None:
