@@ -34,28 +34,16 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-from kn.jobrecord import read_benchmark
+from kn.jobrecord import RuleUsage, per_rule, read_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
 BENCHMARK_LINE = re.compile(r"^\s+benchmark: (.+)$")
 DRY_RUN_ROW = re.compile(r"^(\w+)\s+(\d+)$")
-
-
-@dataclass
-class StageTime:
-    """Summed benchmark figures of one rule's jobs (seconds, MB)."""
-
-    rule: str
-    jobs: int = 0
-    wall_s: float = 0.0
-    cpu_s: float = 0.0
-    max_rss_mb: float = 0.0
-    job_wall_s: list[float] = field(default_factory=list)
 
 
 def benchmark_rules(log_text: str) -> dict[str, str]:
@@ -87,20 +75,11 @@ def read_usage(path: Path) -> list[dict]:
     return records
 
 
-def summarise(results_dir: Path, log_text: str) -> list[StageTime]:
+def summarise(results_dir: Path, log_text: str) -> list[RuleUsage]:
     """Per-rule sums over every ``<results_dir>/benchmarks/**.tsv``, slowest rule first."""
     rules = benchmark_rules(log_text)
-    stages: dict[str, StageTime] = {}
-    for path in sorted((results_dir / "benchmarks").rglob("*.tsv")):
-        rule = rules.get(str(path.resolve()), "unattributed")
-        row = read_benchmark(path)
-        stage = stages.setdefault(rule, StageTime(rule))
-        stage.jobs += 1
-        stage.wall_s += row.get("s", 0.0)
-        stage.cpu_s += row.get("cpu_time", 0.0)
-        stage.max_rss_mb = max(stage.max_rss_mb, row.get("max_rss", 0.0))
-        stage.job_wall_s.append(row.get("s", 0.0))
-    return sorted(stages.values(), key=lambda s: (-s.wall_s, s.rule))
+    return per_rule((rules.get(str(path.resolve()), "unattributed"), read_benchmark(path))
+                    for path in sorted((results_dir / "benchmarks").rglob("*.tsv")))
 
 
 class LoadSampler:
@@ -128,7 +107,7 @@ class LoadSampler:
                 "max": round(max(self.samples), 2)}
 
 
-def efficiency(stages: Sequence[StageTime], total_wall_s: float, all_cpu_s: float, cores: int) -> dict[str, float]:
+def efficiency(stages: Sequence[RuleUsage], total_wall_s: float, all_cpu_s: float, cores: int) -> dict[str, float]:
     """Summed job CPU / (wall x cores), and the same with every CPU second the run used (scheduler included)."""
     job_cpu = sum(s.cpu_s for s in stages)
     return {"job_cpu_s": round(job_cpu, 1), "all_cpu_s": round(all_cpu_s, 1),
@@ -136,7 +115,7 @@ def efficiency(stages: Sequence[StageTime], total_wall_s: float, all_cpu_s: floa
             "efficiency_all_cpu": round(all_cpu_s / (total_wall_s * cores), 3)}
 
 
-def markdown(stages: Sequence[StageTime], total_wall_s: float, context: dict[str, str]) -> str:
+def markdown(stages: Sequence[RuleUsage], total_wall_s: float, context: dict[str, str]) -> str:
     """The per-stage table plus the total, as docs/performance.md shows it."""
     lines = [
         "| stage (rule) | jobs | wall s (sum over jobs) | mean s/job | max s/job | CPU s | peak RSS MB |",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from kn.jobrecord import per_rule
 from kn.paper_numbers import PAPER_NUMBERS
 from kn.summary import EXTRACTORS, NOT_RUN, RunResults, paper_vs_run, verdict_lines
 
@@ -40,7 +41,8 @@ def _run() -> RunResults:
     }
     return RunResults(
         data_stats={"totals": {"relations": 2, "facts": 8, "prompts": 80}}, kn_stats=kn_stats, evaluate=evaluate,
-        update=update, erase=erase, distant=distant, attribution_seconds=[3.0, 5.0],
+        update=update, erase=erase, distant=distant,
+        jobs=per_rule([("attribute", {"s": 3.0}), ("probe", {"s": 1.0}), ("attribute", {"s": 5.0})]),
     )  # fmt: skip
 
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 SUFFIX = ".job.jsonl"
 NOT_MEASURED = ("", "-", "NA")  # how Snakemake writes a figure it has none of
@@ -44,6 +45,31 @@ def read_benchmark(path: str | os.PathLike[str]) -> dict[str, float]:
         except (TypeError, ValueError):
             raise ValueError(f"{path}: column {key!r} = {text!r} is not a number") from None
     return numbers
+
+
+@dataclass
+class RuleUsage:
+    """One rule's jobs, summed from their records (seconds, MB)."""
+
+    rule: str
+    jobs: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    max_rss_mb: float = 0.0
+    job_wall_s: list[float] = field(default_factory=list)
+
+
+def per_rule(records: Iterable[tuple[str, dict[str, float]]]) -> list[RuleUsage]:
+    """(rule, :func:`read_benchmark` row) pairs summed per rule: the longest rule (summed wall) first."""
+    rules: dict[str, RuleUsage] = {}
+    for rule, row in records:
+        usage = rules.setdefault(rule, RuleUsage(rule))
+        usage.jobs += 1
+        usage.wall_s += row.get("s", 0.0)
+        usage.cpu_s += row.get("cpu_time", 0.0)
+        usage.max_rss_mb = max(usage.max_rss_mb, row.get("max_rss", 0.0))
+        usage.job_wall_s.append(row.get("s", 0.0))
+    return sorted(rules.values(), key=lambda u: (-u.wall_s, u.rule))
 
 
 def side_path(benchmark: str | os.PathLike[str]) -> Path:

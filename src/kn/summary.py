@@ -16,6 +16,7 @@ from typing import Any, Callable
 import pandas as pd
 from omegaconf import OmegaConf
 
+from kn.jobrecord import RuleUsage
 from kn.markdown import markdown_table
 
 from kn.paper_numbers import PAPER_NUMBERS, PaperNumber
@@ -36,7 +37,7 @@ class RunResults:
     distant: pd.DataFrame | None = None  # <model>/distant/activation_overall.csv
     probe: pd.DataFrame | None = None  # <model>/probe/accuracy.csv
     ceiling: pd.DataFrame | None = None  # <model>/localise/ceiling.csv
-    attribution_seconds: list[float] = field(default_factory=list)  # wall time of every attribute job
+    jobs: list[RuleUsage] = field(default_factory=list)  # the job records (benchmark files) summed per rule
 
 
 def _num(value: Any, digits: int = 3) -> str:
@@ -74,9 +75,10 @@ def _data(run: RunResults, _p: PaperNumber) -> tuple[str, str, str]:
 def _attribution_time(run: RunResults, _p: PaperNumber) -> tuple[str, str, str]:
     source = "benchmarks of the attribute jobs"
     studied = run.kn_stats["methods"]["ig"]["n_facts"] if run.kn_stats else None
-    if not run.attribution_seconds or not studied:
+    attribute = next((usage for usage in run.jobs if usage.rule == "attribute"), None)
+    if attribute is None or not studied:
         return NOT_RUN, "", source
-    per_fact = sum(run.attribution_seconds) / studied
+    per_fact = attribute.wall_s / studied
     return f"{per_fact:.2f} s (IG + base, job wall time incl. model loading, this machine)", "", source
 
 
@@ -325,8 +327,24 @@ TABLE_TITLES = {  # the study tables the HTML page shows, in order; rows filtere
     "distant_usability": "Activating prompts: usable sentences for this model",
     "update": "Updating facts (SPEC §7), over all relations",
     "erase": "Erasing relations (SPEC §8)",
+    "jobs": "Job records: each rule's jobs (wall, CPU, peak memory)",
 }
 HEADLINE_ROWS = {"evaluate": ("relation", "mean"), "ceiling": ("relation", "ALL"), "update": ("scope", "all"), "distant_usability": ("relation", "all")}
+
+
+JOB_RECORDS_TEXT = (
+    "Each job's own wall time, CPU time and peak memory (RSS), from its benchmark file under results/benchmarks/, "
+    "summed per rule (the summary's own job and those after it are not in it). They size `mem_mb` and `runtime` "
+    "for a cluster.")
+
+
+def job_table(run: RunResults) -> pd.DataFrame:
+    """The job records per rule, longest first: jobs, wall seconds (sum, longest job), CPU seconds, peak RSS."""
+    return pd.DataFrame(
+        [(u.rule, u.jobs, round(u.wall_s, 1), round(max(u.job_wall_s), 1), round(u.cpu_s, 1), round(u.max_rss_mb))
+         for u in run.jobs],
+        columns=["rule", "jobs", "wall s", "longest job s", "CPU s", "peak RSS MB"],
+    )
 
 
 def _demote_headings(text: str) -> str:
@@ -413,6 +431,12 @@ def summary_markdown(cfg: Any, comparison: pd.DataFrame, model_card: str | None,
             "## Vocabulary coverage",
             "",
             vocabulary_coverage(run),
+            "",
+            "## Job records",
+            "",
+            JOB_RECORDS_TEXT,
+            "",
+            markdown_table(job_table(run)) if run.jobs else "No job records were given.",
             "",
             "## Model card",
             "",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -19,14 +20,14 @@ def _write_results(root: Path) -> dict[str, Path]:
         "kn_stats": root / "kn_stats.json",
         "distant": root / "activation_overall.csv",
         "model_card": root / "model_card.md",
-        "benchmark:P1/000": root / "benchmarks" / "P1" / "000.tsv",
+        "job:attribute/P1/000": root / "benchmarks" / "P1" / "000.tsv",
     }
     paths["data_stats"].write_text(json.dumps({"totals": {"relations": 1, "facts": 4, "prompts": 20}}))
     paths["kn_stats"].write_text(json.dumps({"methods": {m: {"avg_kn_per_fact": 2.5, "intra_shared": 1.0, "inter_shared": None, "n_facts": 4} for m in ("ig", "base")}, "layer_share": {"ig": [0.25, 0.75]}}))
     pd.DataFrame([("all", "ig", 1, 4, 0.75, 0.5, 0.25)], columns=["subset", "method", "n_relations", "n_facts", "T1", "T2", "T3"]).to_csv(paths["distant"], index=False)
     paths["model_card"].write_text("# Model card: tiny\n\nA tiny model.\n")
-    paths["benchmark:P1/000"].parent.mkdir(parents=True)
-    paths["benchmark:P1/000"].write_text("s\th:m:s\n6.0\t0:00:06\n")
+    paths["job:attribute/P1/000"].parent.mkdir(parents=True)
+    paths["job:attribute/P1/000"].write_text("s\th:m:s\tmax_rss\tcpu_time\n6.0\t0:00:06\t812.4\t5.5\n")
     return paths
 
 
@@ -55,8 +56,10 @@ def test_summary_writes_table_markdown_and_html(tmp_path: Path) -> None:
     assert "study:\n  facts_per_relation: 4" in markdown  # the run's config, as composed
     page = (tmp_path / "out" / "summary.html").read_text()
     assert "Activating prompts (SPEC §6), overall" in page and "<pre># Model card: tiny" in page
-    assert page.count("<table") == 2  # the comparison and the one study table given
+    assert page.count("<table") == 3  # the comparison, the one study table given and the job records
     assert "<li>Model: <code>tiny</code> (trained by this pipeline); what it knows was not measured" in page
+    assert "| attribute | 1 | 6 | 6 | 5.5 | 812 |" in markdown  # the job records, per rule
+    assert html.escape(summary.TABLE_TITLES["jobs"]) in page
 
 
 def test_summary_names_a_malformed_input(tmp_path: Path) -> None:

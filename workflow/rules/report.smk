@@ -32,7 +32,21 @@ SUMMARY_INPUTS = {
     if rules.has(rule_name)  # hasattr() would raise: Snakemake's Rules raises WorkflowError, not AttributeError
 }
 SUMMARY = "0. Summary"
-ATTRIBUTION_BENCHMARKS = {f"{rel}/{shard}": L.benchmark(L.scores(rel, shard)) for rel in RELATIONS for shard in shards(rel)}
+# The job records (benchmark files) of every job of this study before the summary, keyed <rule>/<wildcards>.
+RECORDED_RULES = ("ingest_relation", "ingest", "train_model", "probe", "probe_summary", "attribute", "refine", "kn_analysis",
+                  "evaluate", "evaluate_summary", "localise", "localise_summary", "edit_update", "edit_erase", "distant",
+                  "distant_summary")
+JOB_WILDCARDS = {  # the jobs of a rule, by its benchmark's wildcards
+    (): [{}],
+    ("relation",): [{"relation": rel} for rel in RELATIONS],
+    ("relation", "shard"): [{"relation": rel, "shard": shard} for rel in RELATIONS for shard in shards(rel)],
+}
+JOB_RECORDS = {
+    "/".join([name, *job.values()]): str(getattr(rules, name).benchmark).format(**job)
+    for name in RECORDED_RULES
+    if rules.has(name)
+    for job in JOB_WILDCARDS[tuple(re.findall(r"{(\w+)}", str(getattr(rules, name).benchmark)))]
+}
 
 # Other models' studies shown beside this one (config key compare: [model config names]), e.g. experiment=causal
 # shows kn-tiny's masked study beside kn-tiny-gpt's. Each is this workflow run with model=<name> and this run's
@@ -76,7 +90,7 @@ if COMPANIONS:
 rule summary:
     input:
         list(dict.fromkeys(SUMMARY_INPUTS.values())),
-        ATTRIBUTION_BENCHMARKS.values(),
+        JOB_RECORDS.values(),
         COMPANION_SUMMARIES.values(),
         COMPANION_PROBES.values(),
     output:
@@ -87,7 +101,7 @@ rule summary:
         record=L.benchmark(L.path("summary")),
         overrides=stage_args("summary"),  # the whole config: the summary prints it, so any change reruns it
         inputs=" ".join(f"--in {name}={shlex.quote(path)}" for name, path in SUMMARY_INPUTS.items()),
-        benchmarks=keyed_args(benchmark=ATTRIBUTION_BENCHMARKS, compare=COMPANION_SUMMARIES, compare_probe=COMPANION_PROBES),
+        benchmarks=keyed_args(job=JOB_RECORDS, compare=COMPANION_SUMMARIES, compare_probe=COMPANION_PROBES),
     log:
         L.log(L.path("summary")),
     benchmark:

@@ -5,7 +5,8 @@ Every input is optional (a stage the run did not include gives "not run"):
 ``--in evaluate=`` evaluate/summary.csv, ``--in update=`` edit/update_summary.csv,
 ``--in erase=`` edit/erase.csv, ``--in distant=`` distant/activation_overall.csv,
 ``--in probe=`` probe/accuracy.csv, ``--in ceiling=`` localise/ceiling.csv, ``--in model_card=`` model_card.md,
-``--in benchmark:<relation>/<shard>=`` each attribute job's benchmark file,
+``--in job:<rule>/<job>=`` each earlier job's benchmark file (its job record; the attribute jobs' give the
+attribution time),
 ``--in table:<name>=<csv>`` for each table shown in the HTML page, and ``--in compare:<alias>=``
 the summary.csv of each other study shown beside this one (config key ``compare``), with
 ``--in compare_probe:<alias>=`` its probe/accuracy.csv (its tokenizer's vocabulary coverage).
@@ -23,12 +24,13 @@ from typing import Any
 import pandas as pd
 
 from kn.io import provenance, write_text
-from kn.jobrecord import read_benchmark
+from kn.jobrecord import per_rule, read_benchmark
 from kn.markdown import provenance_footer
 from kn.stages.cli import StageArgs, run_stage
 from kn.summary import (
     COLUMNS,
     HEADLINE_ROWS,
+    job_table,
     TABLE_TITLES,
     RunResults,
     paper_vs_run,
@@ -70,9 +72,9 @@ def _csv(path: Path | None, table: CsvTable | None = None) -> pd.DataFrame | Non
         raise ValueError(f"{path}: unreadable CSV ({exc}); rerun the stage that writes it") from None
 
 
-def benchmark_seconds(paths: dict[str, Path]) -> list[float]:
-    """Wall seconds (column ``s``) of each Snakemake benchmark file."""
-    return [read_benchmark(path)["s"] for path in paths.values()]
+def job_records(paths: dict[str, Path]) -> list[tuple[str, dict[str, float]]]:
+    """(rule, record) of each ``--in job:<rule>/<job>=<benchmark file>``."""
+    return [(key.split("/", 1)[0], read_benchmark(path)) for key, path in paths.items()]
 
 
 def main(args: StageArgs) -> None:
@@ -86,7 +88,7 @@ def main(args: StageArgs) -> None:
         distant=_csv(_optional(args, "distant"), DISTANT_OVERALL),
         probe=_csv(_optional(args, "probe"), PROBE_ACCURACY),
         ceiling=_csv(_optional(args, "ceiling"), CEILING),
-        attribution_seconds=benchmark_seconds(args.keyed_inputs("benchmark", required=False)),
+        jobs=per_rule(job_records(args.keyed_inputs("job", required=False))),
     )
     comparison = paper_vs_run(run)
     others = {name: _csv(path) for name, path in args.keyed_inputs("compare", required=False).items()}
@@ -106,6 +108,8 @@ def main(args: StageArgs) -> None:
             frame = frame[frame[column].astype(str) == value]
         if frame is not None:
             tables[name] = frame
+    if run.jobs:
+        tables["jobs"] = job_table(run)
     record = provenance(cfg, "summary")
     write_text(args.output("table"), comparison[COLUMNS].to_csv(index=False))
     write_text(args.output("markdown"), summary_markdown(cfg, comparison, model_card, run, others, coverage) + provenance_footer(record))
