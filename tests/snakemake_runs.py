@@ -56,14 +56,15 @@ def run_snakemake(
 
 
 def start_snakemake(
-    targets: Sequence[str | Path], overrides: Sequence[str], *options: str, log: Path, workdir: Path | None = None
+    targets: Sequence[str | Path], overrides: Sequence[str], *options: str, log: Path, workdir: Path | None = None,
+    **env: str,
 ) -> subprocess.Popen[bytes]:
     """Start Snakemake in its own process group (so a test can SIGKILL the whole run)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as handle:
         return subprocess.Popen(
             snakemake_command(targets, overrides, *options, workdir=workdir),
-            cwd=REPO, env=offline_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=REPO, env=offline_env(**env), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
 
