@@ -5,7 +5,7 @@
 #   bash scripts/slurm_cluster.sh status   # exit 0 iff the node answers (prints sinfo)
 # One node ("localhost": this machine's CPUs and memory, two stand-in GPUs so that GPU requests are
 # scheduled and get CUDA_VISIBLE_DEVICES; no GPU behind them), one partition ("debug"). No accounting database: Snakemake's slurm
-# executor is told to poll squeue (MinJobAge keeps finished jobs visible there for 10 minutes).
+# executor is told to poll squeue (MinJobAge keeps finished jobs visible there for an hour).
 # Container-friendly: no cgroups (proctrack/linuxproc, task/none); memory limits are enforced by polling
 # (jobacct_gather/linux + OverMemoryKill, every second). Daemons listen on 127.0.0.1 only, on ports 16817/16818.
 # slurm.conf and gres.conf go to /etc/slurm, where every SLURM command looks (Snakemake's jobstep executor
@@ -117,7 +117,7 @@ JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=1
 JobAcctGatherParams=OverMemoryKill
-MinJobAge=600
+MinJobAge=3600
 ReturnToService=2
 KillWait=5
 InactiveLimit=0
@@ -133,7 +133,7 @@ EOF
   mv "$CONF.new" "$CONF"
 }
 
-node_state() { sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n 1; }
+node_state() { sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n 1 || true; }
 
 start() {
   [ "$(id -u)" -eq 0 ] || die "needs root (installs Debian packages, runs munged, slurmctld and slurmd)"

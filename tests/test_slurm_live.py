@@ -83,7 +83,7 @@ def slurm(*command: str) -> str:
 
 
 def queue() -> list[dict[str, str]]:
-    """Every job slurmctld still knows (finished ones for MinJobAge, 10 minutes): id, comment, state, reason."""
+    """Every job slurmctld still knows (finished ones for MinJobAge, an hour): id, comment, state, reason."""
     rows = slurm("squeue", "-h", "--states=all", "-o", "%i|%k|%T|%r").splitlines()
     return [dict(zip(("id", "comment", "state", "reason"), row.split("|", 3))) for row in rows]
 
@@ -150,6 +150,7 @@ def cluster() -> Iterator[None]:
     if not already_up:
         started = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=600)
         if started.returncode != 0:
+            subprocess.run(["bash", str(SCRIPT), "stop"], timeout=120, check=False)  # what did start
             pytest.fail(f"scripts/slurm_cluster.sh start failed:\n{started.stdout}{started.stderr[-6000:]}")
     try:
         yield
