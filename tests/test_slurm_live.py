@@ -47,7 +47,8 @@ OVERRIDES = [
     "model.train.max_steps=20", "model.train.eval_every=10", "model.train.eval_sample=64", "model.train.threads=1",
 ]
 TARGETS = ["results/kn-tiny/evaluate/P19.parquet", "results/kn-tiny/neurons/P19.parquet"]  # relative to a run's workdir
-# The study's jobs are those of the local run of the same config: its "Job stats" (rule -> jobs).
+# The attribution job scancelled mid-run, by the comment the plugin gives a job (its rule and wildcards);
+# the study's jobs are those of the local run of the same config (its "Job stats").
 CANCELLED = "rule_attribute_wildcards_P19_000"
 NODE_MEM_MB = 3000  # the profile's requests are for GPU nodes; two jobs of at most this fit any CI machine
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
@@ -74,6 +75,7 @@ def cluster_options(**changes: dict[str, Any]) -> list[str]:
 
 
 def slurm(*command: str) -> str:
+    """Run a SLURM client command (squeue, scontrol, scancel); its output."""
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, f"{' '.join(command)}: {result.stderr}"
     return result.stdout
