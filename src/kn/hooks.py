@@ -171,3 +171,51 @@ def edited_value_slots(model: nn.Module, new_slots: Mapping[Neuron, torch.Tensor
         with torch.no_grad():
             for slots, unit, original in reversed(saved):
                 slots[unit] = original
+
+
+@contextlib.contextmanager
+def capture_ffn_inputs(
+    model: nn.Module, positions: torch.Tensor | None, layers: Sequence[int]
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Record what each named layer's FFN reads (its up projection's input) at one position per row, or at every
+    position (``positions`` None).
+
+    Yields ``{layer: [batch, hidden]}`` (or ``[batch, seq, hidden]``), detached, filled during the forward pass:
+    the vectors a unit's key is matched against.
+    """
+    adapter = adapter_for(model)
+    captured: dict[int, torch.Tensor] = {}
+    rows = None if positions is None else torch.arange(positions.shape[0], device=positions.device)
+    handles = []
+    try:
+        for layer in layers:
+            _check_layer(layer, adapter.n_layers)
+
+            def record(_module: nn.Module, inputs: tuple, layer: int = layer) -> None:
+                captured[layer] = (inputs[0] if rows is None else inputs[0][rows, positions]).detach()
+
+            handles.append(adapter.key_projection(layer).register_forward_pre_hook(record))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def added_value(model: nn.Module, layer: int, unit: int, value: torch.Tensor) -> Iterator[None]:
+    """Add ``activation[unit] * value`` to layer ``layer``'s FFN output at every position.
+
+    The same as ``value`` added to the unit's value slot, but ``value`` may require grad, so a
+    value vector can be optimised through the model without touching its weights.
+    """
+    adapter = adapter_for(model)
+    _check_layer(layer, adapter.n_layers)
+
+    def add(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + inputs[0][..., unit : unit + 1] * value.to(output.dtype)
+
+    handle = adapter.value_projection(layer).register_forward_hook(add)
+    try:
+        yield
+    finally:
+        handle.remove()

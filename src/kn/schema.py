@@ -177,6 +177,24 @@ class DistantConfig:
 
 
 @dataclass
+class ControlsConfig:
+    """The positive control (kn.planting, kn.controls): facts planted in known FFN units of a copy of the model."""
+
+    enabled: bool
+    facts_per_relation: int
+    max_relations: Optional[int]
+    layers: Optional[list[int]]
+    units_per_fact: Any  # "auto" or a positive count
+    max_units_per_fact: int
+    key_template_share: float = fraction(low_open=True, high_open=True)
+    activation_quantile: float = fraction(low_open=True)
+    background_prompts: int
+    value_steps: int
+    max_subject_unk_share: float = fraction()
+    batch_size: int
+
+
+@dataclass
 class SweepConfig:
     """Model-organism sweep (experiment=organism-sweep); empty variants = no sweep."""
 
@@ -206,6 +224,7 @@ class KNConfig:
     edit: EditConfig
     erase: EraseConfig
     distant: DistantConfig
+    controls: ControlsConfig
     sweep: SweepConfig
 
 
@@ -280,6 +299,25 @@ def validate_config(cfg: DictConfig) -> None:
             )
     if cfg.ig.m < 1:
         raise ConfigError(f"config key 'ig.m' = {cfg.ig.m}; expected >= 1")
+    _check_controls(cfg.controls)
+
+
+def _check_controls(controls: DictConfig) -> None:
+    """The positive control's counts are positive, its unit count 'auto' or a count, its layers indices."""
+    for key in ("facts_per_relation", "max_units_per_fact", "background_prompts", "value_steps", "batch_size"):
+        if controls[key] < 1:
+            raise ConfigError(f"config key 'controls.{key}' = {controls[key]}; expected >= 1")
+    if controls.max_relations is not None and controls.max_relations < 1:
+        raise ConfigError(f"config key 'controls.max_relations' = {controls.max_relations}; expected >= 1 or null (all)")
+    units = controls.units_per_fact
+    if units != "auto" and not (isinstance(units, int) and not isinstance(units, bool) and units >= 1):
+        raise ConfigError(f"config key 'controls.units_per_fact' = {units!r}; expected 'auto' or a count >= 1")
+    if isinstance(units, int) and units > controls.max_units_per_fact:
+        raise ConfigError(f"config key 'controls.units_per_fact' = {units} exceeds controls.max_units_per_fact = "
+                          f"{controls.max_units_per_fact}")
+    if controls.layers is not None and (len(controls.layers) == 0 or any(layer < 0 for layer in controls.layers)):
+        raise ConfigError(f"config key 'controls.layers' = {list(controls.layers)}; expected null (every layer) or "
+                          "a non-empty list of layer indices >= 0")
 
 
 def fraction_keys(section: type = KNConfig, prefix: str = "") -> dict[str, Range]:

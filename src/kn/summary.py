@@ -37,6 +37,7 @@ class RunResults:
     distant: pd.DataFrame | None = None  # <model>/distant/activation_overall.csv
     probe: pd.DataFrame | None = None  # <model>/probe/accuracy.csv
     ceiling: pd.DataFrame | None = None  # <model>/localise/ceiling.csv
+    controls: dict[str, Any] | None = None  # <model>/controls/summary.json (the positive control)
     jobs: list[RuleUsage] = field(default_factory=list)  # the job records (benchmark files) summed per rule
 
 
@@ -327,9 +328,10 @@ TABLE_TITLES = {  # the study tables the HTML page shows, in order; rows filtere
     "distant_usability": "Activating prompts: usable sentences for this model",
     "update": "Updating facts (SPEC §7), over all relations",
     "erase": "Erasing relations (SPEC §8)",
+    "controls": "Positive control: planted facts (all relations)",
     "jobs": "Job records: each rule's jobs (wall, CPU, peak memory)",
 }
-HEADLINE_ROWS = {"evaluate": ("relation", "mean"), "ceiling": ("relation", "ALL"), "update": ("scope", "all"), "distant_usability": ("relation", "all")}
+HEADLINE_ROWS = {"controls": ("relation", "ALL"), "evaluate": ("relation", "mean"), "ceiling": ("relation", "ALL"), "update": ("scope", "all"), "distant_usability": ("relation", "all")}
 
 
 JOB_RECORDS_TEXT = (
@@ -404,6 +406,18 @@ def comparison_table(this_run: str, comparison: pd.DataFrame, others: dict[str, 
     return table.fillna("")
 
 
+def control_lines(run: RunResults) -> list[str]:
+    """The positive control's lines (controls/summary.json) and the negative control's: random, layer-matched
+    neurons suppressed and amplified beside the knowledge neurons (evaluate/summary.csv)."""
+    lines = list(run.controls["lines"]) if run.controls else [
+        "Positive control: not run (controls.enabled=false, or a stage it needs did not run)."]
+    suppress, amplify = _effect(run, "random", "suppress_own"), _effect(run, "random", "amplify_own")
+    if suppress is not None and amplify is not None:
+        lines.append(f"Negative control: as many random neurons from the same layers as each fact's knowledge neurons "
+                     f"change the gold probability by {_with_ci(suppress)} (×0) and {_with_ci(amplify)} (×2).")
+    return lines
+
+
 def summary_markdown(cfg: Any, comparison: pd.DataFrame, model_card: str | None, run: RunResults,
                      others: dict[str, pd.DataFrame] | None = None, coverage: dict[str, str] | None = None) -> str:
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
@@ -424,6 +438,10 @@ def summary_markdown(cfg: Any, comparison: pd.DataFrame, model_card: str | None,
             "",
             markdown_table(comparison, TITLES),
             *_beside(cfg, comparison, others, coverage),
+            "## Controls: planted facts (positive) and random neurons (negative)",
+            "",
+            *(f"- {line}" for line in control_lines(run)),
+            "",
             "## Where the facts live",
             "",
             localisation_text(run),
@@ -482,7 +500,8 @@ def _inline_code(text: str) -> str:
 
 
 def summary_html(cfg: Any, comparison: pd.DataFrame, model_card: str | None, tables: dict[str, pd.DataFrame],
-                 others: dict[str, pd.DataFrame] | None = None, verdict: list[str] | None = None) -> str:
+                 others: dict[str, pd.DataFrame] | None = None, verdict: list[str] | None = None,
+                 controls: list[str] | None = None) -> str:
     """A self-contained page (no scripts, no external files) the Snakemake report shows inline."""
 
     def table(frame: pd.DataFrame) -> str:
@@ -498,6 +517,8 @@ def summary_html(cfg: Any, comparison: pd.DataFrame, model_card: str | None, tab
         "expected to match.</p>",
         "<h2>Paper vs this run</h2>",
         table(comparison.rename(columns=TITLES)),
+        "<h2>Controls: planted facts (positive) and random neurons (negative)</h2>",
+        "<ul>" + "".join(f"<li>{_inline_code(line)}</li>" for line in controls or []) + "</ul>",
     ]
     if others:
         parts += [f"<h2>Beside {html.escape(', '.join(others))} (same results folder; each study has its own model)</h2>",

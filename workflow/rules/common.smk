@@ -206,3 +206,45 @@ def companion_overrides(name):
     (so data, study and method settings, and a trained organism's recipe overrides, agree)."""
     own = [o for o in OVERRIDES if not o.lstrip("+~").startswith(COMPANION_DROPS)]
     return [f"model={name}", *own, f"results_dir={RESULTS}", "compare=[]"]
+
+
+# Positive control (workflow/rules/controls.smk): the planted copy's study is this workflow run into the controls folder
+CONTROL_DIR = L.path("controls")
+PLANTED = Layout(CONTROL_DIR, "planted")  # the nested run's own layout
+PLANTED_DROPS = ("model=", "model.", "compare=", "results_dir=", "data.relations=", "data.resources_dir=",
+                 "data.max_facts_per_relation=", "study.", "controls.enabled=")
+
+
+def planted_overrides():
+    """This run's overrides (the experiment and every method setting) on the planted copy and its planted facts."""
+    own = [o for o in OVERRIDES if not o.lstrip("+~").startswith(PLANTED_DROPS)]
+    return [*own, "model=hf", "model.name=planted", f"model.path={CONTROL_DIR}/model", f"results_dir={CONTROL_DIR}",
+            f"data.resources_dir={CONTROL_DIR}/pararel", "data.max_facts_per_relation=null",
+            "study.facts_per_relation=null", "data.relations=all", "compare=[]", "controls.enabled=false"]
+
+
+def planted_study_files(wildcards=None):
+    """{--in name: path} of what controls_summary reads: the planting record, the planted study's run record,
+    the planted checkpoint and, when the study ran, its per-relation files (known once planting.json exists)."""
+    study = checkpoints.planted_study.get().output[0]
+    files = {"record": f"{CONTROL_DIR}/planting.json", "study": study, "model": f"{CONTROL_DIR}/model"}
+    with open(study, encoding="utf-8") as handle:
+        ran = json.load(handle)["ran"]
+    if not ran:
+        return files
+    with open(files["record"], encoding="utf-8") as handle:
+        planted = json.load(handle)["facts"]
+    counts = {}
+    for fact in planted:
+        counts[fact["relation"]] = counts.get(fact["relation"], 0) + 1
+    per = CFG.ig.facts_per_shard
+    for rel, count in sorted(counts.items()):
+        files[f"data:{rel}"] = PLANTED.relation_prompts(rel)
+        files[f"neurons:{rel}"] = PLANTED.neurons(rel)
+        files[f"evaluation:{rel}"] = PLANTED.evaluation(rel)
+        files[f"localisation:{rel}"] = PLANTED.localisation(rel)
+        files[f"studied:{rel}"] = L.relation_prompts(rel)
+        for k in range((count + per - 1) // per):
+            files[f"scores:{rel}/{k:03d}"] = PLANTED.scores(rel, f"{k:03d}")
+            files[f"prompts:{rel}/{k:03d}"] = PLANTED.shard_prompts(rel, f"{k:03d}")
+    return files

@@ -19,6 +19,7 @@ SUMMARY_INPUTS = {
         "update": ("edit_update", L.path("edit/update_summary.csv")),
         "erase": ("edit_erase", L.path("edit/erase.csv")),
         "distant": ("distant_summary", L.path("distant/activation_overall.csv")),
+        "controls": ("controls_summary", L.path("controls/summary.json")),
         "probe": ("probe_summary", L.path("probe/accuracy.csv")),
         "table:probe": ("probe_summary", L.path("probe/accuracy.csv")),
         "table:kn_stats": ("kn_analysis", L.path("analysis/kn_stats.csv")),
@@ -28,6 +29,7 @@ SUMMARY_INPUTS = {
         "table:ceiling": ("localise_summary", L.path("localise/ceiling.csv")),
         "table:update": ("edit_update", L.path("edit/update_summary.csv")),
         "table:erase": ("edit_erase", L.path("edit/erase.csv")),
+        "table:controls": ("controls_summary", L.path("controls/planted.csv")),
     }.items()
     if rules.has(rule_name)  # hasattr() would raise: Snakemake's Rules raises WorkflowError, not AttributeError
 }
@@ -35,7 +37,7 @@ SUMMARY = "0. Summary"
 # The job records (benchmark files) of every job of this study before the summary, keyed <rule>/<wildcards>.
 RECORDED_RULES = ("ingest_relation", "ingest", "train_model", "probe", "probe_summary", "attribute", "refine", "kn_analysis",
                   "evaluate", "evaluate_summary", "localise", "localise_summary", "edit_update", "edit_erase", "distant",
-                  "distant_summary")
+                  "distant_summary", "plant_facts", "planted_study", "controls_summary")
 JOB_WILDCARDS = {  # the jobs of a rule, by its benchmark's wildcards
     (): [{}],
     ("relation",): [{"relation": rel} for rel in RELATIONS],

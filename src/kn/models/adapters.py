@@ -44,6 +44,10 @@ class Adapter:
 
     blocks_path: ClassVar[str]  # from the *ForMaskedLM / *ForCausalLM model to the ModuleList of blocks
     value_projection_path: ClassVar[str]  # inside a block: the down projection (input = the neuron vector)
+    # inside a block: the up projection whose output, through the FFN activation, is the neuron vector; None for
+    # gated FFNs (act(gate x) * up x), whose units have no single key
+    key_projection_path: ClassVar[str | None] = None
+    activation_path: ClassVar[str | None] = None  # inside a block: the FFN activation module
     attention_output_path: ClassVar[str]  # inside a block: the attention output projection
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -77,6 +81,28 @@ class Adapter:
         if not isinstance(projection, nn.Linear):
             raise TypeError(f"layer {layer}: {self.value_projection_path} is {type(projection).__name__}, expected nn.Linear")
         return projection.weight.T
+
+    def key_projection(self, layer: int) -> nn.Module:
+        """Layer ``layer``'s up projection: unit i's key is row i of its weight, with bias i."""
+        if self.key_projection_path is None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: the FFN is gated (act(gate x) * up x), so a unit has no single key to write"
+            )
+        return self.blocks()[layer].get_submodule(self.key_projection_path)
+
+    def keys(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Writable ``[units, hidden]`` view of layer ``layer``'s key weights and its ``[units]`` bias."""
+        projection = self.key_projection(layer)
+        if not isinstance(projection, nn.Linear) or projection.bias is None:
+            raise TypeError(f"layer {layer}: {self.key_projection_path} is {type(projection).__name__} without a "
+                            "bias; expected nn.Linear with bias")
+        return projection.weight, projection.bias
+
+    def ffn_activation(self, layer: int) -> Callable[[Tensor], Tensor]:
+        """The function from a unit's pre-activation (key . x + bias) to its activation."""
+        if self.activation_path is None:
+            raise NotImplementedError(f"{type(self).__name__} names no FFN activation")
+        return self.blocks()[layer].get_submodule(self.activation_path)  # type: ignore[return-value]
 
     @property
     def ffn_size(self) -> int:
@@ -129,7 +155,11 @@ class BertFamily(Adapter):
 
     model_types = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
     value_projection_path = "output.dense"
+    key_projection_path = "intermediate.dense"
     attention_output_path = "attention.output.dense"
+
+    def ffn_activation(self, layer: int) -> Callable[[Tensor], Tensor]:
+        return self.blocks()[layer].intermediate.intermediate_act_fn
 
     @property
     def blocks_path(self) -> str:  # type: ignore[override]
@@ -177,7 +207,11 @@ class DistilBert(Adapter):
     model_types = ("distilbert",)
     blocks_path = "distilbert.transformer.layer"
     value_projection_path = "ffn.lin2"
+    key_projection_path = "ffn.lin1"
     attention_output_path = "attention.out_lin"
+
+    def ffn_activation(self, layer: int) -> Callable[[Tensor], Tensor]:
+        return self.blocks()[layer].ffn.activation
 
     def lm_head(self) -> Callable[[Tensor], Tensor]:
         model = self.model
@@ -291,8 +325,19 @@ class GPT2(CausalAdapter):
     model_types = ("gpt2",)
     blocks_path = "transformer.h"
     value_projection_path = "mlp.c_proj"
+    key_projection_path = "mlp.c_fc"
+    activation_path = "mlp.act"
     attention_output_path = "attn.c_proj"
     final_norm_path = "transformer.ln_f"
+
+    def keys(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Conv1D stores ``[hidden, units]``: the transpose is the ``[units, hidden]`` view of the keys."""
+        from transformers.pytorch_utils import Conv1D
+
+        projection = self.key_projection(layer)
+        if not isinstance(projection, Conv1D):
+            raise TypeError(f"layer {layer}: {self.key_projection_path} is {type(projection).__name__}, expected Conv1D")
+        return projection.weight.T, projection.bias
 
     def value_slots(self, layer: int) -> Tensor:
         """Conv1D stores its weight as [in, out] = [units, hidden]: row i is neuron i's value slot, no transpose."""
@@ -314,6 +359,8 @@ class GPTNeoX(CausalAdapter):
     model_types = ("gpt_neox",)
     blocks_path = "gpt_neox.layers"
     value_projection_path = "mlp.dense_4h_to_h"
+    key_projection_path = "mlp.dense_h_to_4h"
+    activation_path = "mlp.act"
     attention_output_path = "attention.dense"
     final_norm_path = "gpt_neox.final_layer_norm"
     rotary_path = "gpt_neox.rotary_emb"

@@ -5,6 +5,7 @@ Every input is optional (a stage the run did not include gives "not run"):
 ``--in evaluate=`` evaluate/summary.csv, ``--in update=`` edit/update_summary.csv,
 ``--in erase=`` edit/erase.csv, ``--in distant=`` distant/activation_overall.csv,
 ``--in probe=`` probe/accuracy.csv, ``--in ceiling=`` localise/ceiling.csv, ``--in model_card=`` model_card.md,
+``--in controls=`` controls/summary.json (the positive control),
 ``--in job:<rule>/<job>=`` each earlier job's benchmark file (its job record; the attribute jobs' give the
 attribution time),
 ``--in table:<name>=<csv>`` for each table shown in the HTML page, and ``--in compare:<alias>=``
@@ -33,6 +34,7 @@ from kn.summary import (
     job_table,
     TABLE_TITLES,
     RunResults,
+    control_lines,
     paper_vs_run,
     summary_html,
     summary_markdown,
@@ -88,6 +90,7 @@ def main(args: StageArgs) -> None:
         distant=_csv(_optional(args, "distant"), DISTANT_OVERALL),
         probe=_csv(_optional(args, "probe"), PROBE_ACCURACY),
         ceiling=_csv(_optional(args, "ceiling"), CEILING),
+        controls=_json(_optional(args, "controls")),
         jobs=per_rule(job_records(args.keyed_inputs("job", required=False))),
     )
     comparison = paper_vs_run(run)
