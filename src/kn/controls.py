@@ -249,6 +249,10 @@ def summary_table(facts: pd.DataFrame, updates: Mapping[str, pd.DataFrame], resa
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 
+LAYER_COLUMNS = ("layer", "facts", "planted_units", "ig_recall", "ig_recall_low", "ig_recall_high", "base_recall",
+                 "base_recall_low", "base_recall_high")
+
+
 def layer_table(facts: pd.DataFrame, n_layers: int, resamples: int, seed: int) -> pd.DataFrame:
     """Recall by planted layer, IG and baseline, with 95% bootstrap intervals over facts (empty layers NaN)."""
     rows = []
@@ -260,7 +264,7 @@ def layer_table(facts: pd.DataFrame, n_layers: int, resamples: int, seed: int) -
             row[f"{method}_recall"], row[f"{method}_recall_low"], row[f"{method}_recall_high"] = _ratio(
                 group[f"{method}_found"].to_numpy(float), group["units"].to_numpy(float), resamples, rng)
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=list(LAYER_COLUMNS))
 
 
 def _pct(value: float) -> str:

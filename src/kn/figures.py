@@ -287,7 +287,7 @@ def planted_recall_figure(layers: pd.DataFrame, n_layers: int) -> Figure:
     """Positive control: the share of planted units that IG and the baseline recover, by planted layer, with 95%
     bootstrap intervals over facts; layers where nothing was planted are left empty."""
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    if layers.empty:
+    if layers.empty or not layers["facts"].sum():
         ax.text(0.5, 0.5, "no planted study (planting failed its acceptance)", ha="center", va="center",
                 transform=ax.transAxes)
     else:

@@ -17,13 +17,14 @@ tokens, and which no study of the run uses: for a trained organism the facts aft
 never seen the subject), for a pretrained model the facts after the studied ones. The planted answer is the
 fact's true object.
 
-**How.** Layer by layer, bottom to top (so a fact's inputs include every planting below it): a fact's key is the
-direction from the mean FFN input over background prompts to the mean over its key prompts (a share of its
-templates; the other templates test the planting), thresholded halfway between the largest background
-projection and the smallest key-prompt projection; its value is optimised through the model (projected gradient
-ascent on the object's log-probability over the key prompts) within the norm budget of U units, and U is the
-fewest (a search over U) at which the object is top-1 on the key prompts. Units overwritten are the layer's
-least active at the target position.
+**How.** Layer by layer, bottom to top (so a fact's inputs include every planting below it). A fact's templates
+are split (seeded) into key, validation and test templates. Its key (:func:`fact_key`) is built from the key
+prompts alone: their FFN input minus each template's mean over other facts, whitened, thresholded so that no
+quiet token (any position of other prompts, or of its own prompts but their target) fires it. Its value is
+optimised through the model (projected gradient ascent on the object's log-probability over the key prompts)
+within the norm budget of U units, U the fewest (a search) at which the object is top-1 there. A fact is kept only if that holds on its
+validation prompts; the test prompts decide nothing and measure the planting (acceptance). Units overwritten are
+the layer's least active over every position.
 """
 
 from __future__ import annotations
@@ -310,7 +311,7 @@ def fact_key(key_inputs: Tensor, contrast: Tensor, background: Tensor, quiet: Te
     spread little along it. Scale: the largest pre-activation over the fact's prompts equals ``activation_cap``
     (GELU, SiLU and their kin never exceed it); the key's length is whatever that takes (planting.json reports it
     beside the layer's longest natural key). Threshold: as low as lets 99% of the quiet tokens (every position of the
-    background prompts and the other facts' key prompts; the fact's own prompts may fire it anywhere) sit at
+    background prompts, the fact's own prompts but at their target, the other facts' key prompts) sit at
     pre-activation <= -QUIET_DEPTH, so an activation function's negative tail adds next to nothing where the fact
     is absent, and never below the largest quiet projection: the unit fires on no quiet token.
     """
@@ -437,8 +438,10 @@ def plant(model: nn.Module, codec: PromptCodec, facts: list[PlantedFact], studie
                                          layer, batch_size)
         encoded = {id(fact): codec.encode(fact.prompts) for fact in here}
         inputs = {id(fact): ffn_inputs(model, encoded[id(fact)], layer, batch_size) for fact in here}
+        elsewhere = {id(fact): ffn_inputs(model, encoded[id(fact)], layer, batch_size, every_position=True)
+                     for fact in here}
         for fact in here:
-            quiet = torch.cat([background_x, background_all,
+            quiet = torch.cat([background_x, background_all, elsewhere[id(fact)],
                                *(inputs[id(other)][other.split()[0]] for other in here if other is not fact)])
             key_rows = fact.split()[0]
             try:
@@ -482,8 +485,9 @@ def _template_means(model: nn.Module, codec: PromptCodec, prompts: pd.DataFrame,
 
 def _plant_fact(model: nn.Module, codec: PromptCodec, fact: PlantedFact, key: Key, units: list[int], scale: LayerScale,
                 settings: PlantingSettings) -> int | None:
-    """Write the key into ``units`` and search the value; returns how many of them carry the fact (their values
-    written), or None when even all of them do not (the units are then restored)."""
+    """Write the key into ``units`` and search the value on the key prompts; returns how many of the units carry
+    the fact there (their values written), or None when even all of them do not, or the planting does not hold on
+    the validation prompts (the units are then restored)."""
     adapter = adapter_for(model)
     keys, biases = adapter.keys(fact.layer)
     slots = adapter.value_slots(fact.layer)

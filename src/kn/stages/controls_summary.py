@@ -17,8 +17,8 @@ import logging
 import pandas as pd
 
 from kn.config import to_container
-from kn.controls import (control_lines, layer_table, planted_effects, planted_facts, readout_ranks, study_rows,
-                         summary_table, updates_through)
+from kn.controls import (LAYER_COLUMNS, SUMMARY_COLUMNS, control_lines, layer_table, planted_effects, planted_facts,
+                         readout_ranks, study_rows, summary_table, updates_through)
 from kn.editing import PromptScorer
 from kn.figures import planted_recall_figure, save_figure
 from kn.io import provenance, write_json, write_text
@@ -69,19 +69,22 @@ def main(args: StageArgs) -> None:
     for line in lines:
         log.info("%s", line)
     meta = provenance(cfg, "controls_summary")
-    empty = pd.DataFrame()
-    write_text(args.output("table"), (table if table is not None else empty).to_csv(index=False))
-    write_text(args.output("layers"), (layers if layers is not None else empty).to_csv(index=False))
-    write_text(args.output("facts"), (facts_table if facts_table is not None else empty).to_csv(index=False))
-    all_row = None if table is None else table[table["relation"] == "ALL"].iloc[0].to_dict()
+    # without a planted study the tables keep their columns and have no rows
+    table = pd.DataFrame(columns=list(SUMMARY_COLUMNS)) if table is None else table
+    layers = pd.DataFrame(columns=list(LAYER_COLUMNS)) if layers is None else layers
+    facts_table = pd.DataFrame(columns=["relation", "fact_id", "layer", "units"]) if facts_table is None else facts_table
+    write_text(args.output("table"), table.to_csv(index=False))
+    write_text(args.output("layers"), layers.to_csv(index=False))
+    write_text(args.output("facts"), facts_table.to_csv(index=False))
+    all_row = table[table["relation"] == "ALL"].iloc[0].to_dict() if len(table) else None
     write_json(args.output("json"), {"lines": lines, "acceptance": record["acceptance"], "all": all_row,
                                      "units_per_fact": record["units_per_fact"], "provenance": meta})
     markdown = ["# Positive control: planted facts", "", *lines, ""]
-    if table is not None:
+    if len(table):
         markdown += ["## Per relation", "", table.to_markdown(index=False, floatfmt=".3f"), "",
                      "## Recall by planted layer", "", layers.to_markdown(index=False, floatfmt=".3f"), ""]
     write_text(args.output("markdown"), "\n".join(markdown) + f"\n<!-- provenance: {json.dumps(meta)} -->\n")
-    save_figure(planted_recall_figure(layers if layers is not None else empty, int(record["n_layers"])),
+    save_figure(planted_recall_figure(layers, int(record["n_layers"])),
                 [args.output("figure_png"), args.output("figure_pdf")])
 
 
