@@ -66,6 +66,12 @@ class TrainConfig:
     word_embedding_std: Optional[float]  # redraw token embeddings from N(0, std^2); null keeps BERT's init (BERT only)
     freeze_mlm_transform: bool  # the MLM head's dense transform stays at its random init (BERT only)
     threads: int  # torch intra-op threads; the weights depend on it in the last bits, so it is part of the recipe
+    # Natural text (docs/organism_search.md); the defaults train on templates only, as kn-tiny does.
+    natural_ratio: float = 0.0  # Bing sentences per template prompt in each batch (0: none are read)
+    natural_mask_prob: float = 0.15  # BERT masking of a natural sentence's tokens
+    natural_max_tokens: int = 64  # natural sentences are cut to this many pieces ([CLS]/[SEP] included)
+    natural_eval_facts: int = 100  # non-studied facts whose sentences are held out to score masked-token accuracy
+    mlm_transform_init: str = "random"  # random | identity: the MLM head's dense transform starts as the identity
 
 
 @dataclass

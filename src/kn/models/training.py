@@ -190,6 +190,105 @@ def encode_examples(tokenizer: PreTrainedTokenizerBase, prompts: pd.DataFrame, c
     return EncodedExamples(encoded.input_ids, encoded.mask_positions, [vocab[o] for o in prompts["object"]])
 
 
+@dataclass
+class NaturalText:
+    """Bing web sentences a natural-text recipe reads, and the sentences it must never train on."""
+
+    train: list[str]  # distinct sentences of the training facts, none equal to a held-out sentence
+    heldout: list[str]  # distinct sentences of the evaluation facts (masked-token accuracy)
+    studied_facts: int  # the first this-many facts of every relation: their sentences are excluded
+    train_facts: int  # facts whose sentences train
+    heldout_facts: int  # facts drawn (seeded) for evaluation
+
+
+def split_natural(sentences: pd.DataFrame, studied_facts: int, max_facts: int | None, eval_facts: int,
+                  seed: int) -> NaturalText:
+    """Which Bing sentences (kn.data.bing's table) train and which evaluate.
+
+    Only facts ``studied_facts <= fact_id < max_facts`` of each relation are read (the organism's own
+    facts that the study does not use): the studied facts' head+tail and head-only sentences (the
+    §6 study's T1 and T2) never train. ``eval_facts`` of those facts, a seeded draw, are held out to
+    score masked-token accuracy on unseen natural text. A sentence text that also belongs to a studied
+    or held-out fact (the corpus repeats sentences across facts) is dropped from training.
+    """
+    if eval_facts < 1:
+        raise ValueError(f"model.train.natural_eval_facts = {eval_facts}; expected >= 1")
+    fact_id = sentences["fact_id"].to_numpy()
+    readable = (fact_id >= studied_facts) & (True if max_facts is None else fact_id < max_facts)
+    facts = sorted(set(zip(sentences.loc[readable, "relation"].astype(str), fact_id[readable].tolist())))
+    if len(facts) <= eval_facts:
+        raise ValueError(f"{len(facts)} non-studied facts have web sentences; model.train.natural_eval_facts = "
+                         f"{eval_facts} must leave some for training")
+    held = set(random.Random(f"kn-natural:{seed}").sample(facts, eval_facts))
+    keys = list(zip(sentences["relation"].astype(str), fact_id.tolist()))
+    is_held = np.array([key in held for key in keys])
+    texts = sentences["sentence"].astype(str).tolist()
+    excluded = {t for t, studied, h in zip(texts, fact_id < studied_facts, is_held) if studied or h}
+    train = list(dict.fromkeys(t for t, ok, h in zip(texts, readable, is_held) if ok and not h and t not in excluded))
+    heldout = list(dict.fromkeys(t for t, h in zip(texts, is_held) if h))
+    return NaturalText(train, heldout, studied_facts, len(facts) - eval_facts, eval_facts)
+
+
+def encode_natural(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """Natural sentences as token ids ([CLS] ... [SEP]), cut to ``max_tokens`` pieces."""
+    return tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]
+
+
+def vocabulary_coverage(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> dict[str, float]:
+    """How a tokenizer reads ``texts``: the share of [UNK] pieces, and of words (BERT pre-tokenisation)
+    that are not one vocabulary entry (split into pieces)."""
+    pre = tokenizer.backend_tokenizer.pre_tokenizer
+    vocab = tokenizer.get_vocab()
+    pieces = [piece for text in texts for piece in tokenizer.tokenize(text)]
+    words = [word for text in texts for word, _ in pre.pre_tokenize_str(text)]
+    return {"unk_piece_share": sum(p == tokenizer.unk_token for p in pieces) / max(1, len(pieces)),
+            "split_word_share": sum(w not in vocab for w in words) / max(1, len(words))}
+
+
+def study_coverage(tokenizer: PreTrainedTokenizerBase, sentences: pd.DataFrame, studied_facts: int, seed: int,
+                   pool_sample: int = 2000) -> dict[str, dict[str, float]]:
+    """:func:`vocabulary_coverage` of the §6 study's sentence kinds: T1 (head+tail) and T2 (head-only)
+    sentences of the studied facts, T3 a seeded sample of ``pool_sample`` sentences of the whole pool."""
+    studied = sentences[sentences["fact_id"] < studied_facts]
+    pool = sentences["sentence"].astype(str).tolist()
+    sample = random.Random(f"kn-coverage:{seed}").sample(pool, min(pool_sample, len(pool)))
+    return {"T1": vocabulary_coverage(tokenizer, studied.loc[studied["kind"] == "th", "sentence"].astype(str).tolist()),
+            "T2": vocabulary_coverage(tokenizer, studied.loc[studied["kind"] == "h", "sentence"].astype(str).tolist()),
+            "T3": vocabulary_coverage(tokenizer, sample)}
+
+
+def masked_token_accuracy(model: PreTrainedModel, heldout: Sequence[Sequence[int]], train: Sequence[Sequence[int]],
+                          prob: float, mask_id: int, special_ids: Sequence[int], seed: int,
+                          batch_size: int = 64) -> dict[str, float]:
+    """Top-1 accuracy at ``prob`` of the non-special pieces of ``heldout`` sentences, each replaced by [MASK]
+    (seeded), and the unigram-frequency baseline: always answering the most frequent piece of ``train``."""
+    specials = set(int(i) for i in special_ids)
+    counts = np.bincount([t for seq in train for t in seq if t not in specials], minlength=model.config.vocab_size)
+    mode = int(counts.argmax())
+    generator = torch.Generator().manual_seed(seed)
+    head = adapter_for(model).lm_head()
+    was_training = model.training
+    model.eval()
+    correct = unigram = total = 0
+    for start in range(0, len(heldout), batch_size):
+        ids, attention = pad_sequences([list(seq) for seq in heldout[start : start + batch_size]],
+                                       int(model.config.pad_token_id))
+        chosen = (torch.rand(ids.shape, generator=generator) < prob) & attention.bool()
+        chosen &= ~torch.isin(ids, torch.tensor(sorted(specials)))
+        if not chosen.any():
+            continue
+        with torch.no_grad():
+            hidden = model.base_model(input_ids=ids.masked_fill(chosen, mask_id), attention_mask=attention).last_hidden_state
+            predicted = head(hidden[chosen]).argmax(-1)
+        gold = ids[chosen]
+        correct += int((predicted == gold).sum())
+        unigram += int((gold == mode).sum())
+        total += int(chosen.sum())
+    model.train(was_training)
+    return {"masked_accuracy": correct / max(1, total), "unigram_baseline": unigram / max(1, total),
+            "masked_tokens": total}
+
+
 def build_model(recipe: TrainConfig, vocab_size: int, pad_id: int, bos_id: int | None = None,
                 eos_id: int | None = None) -> PreTrainedModel:
     """A randomly initialised BERT masked LM, or GPT-2 causal LM (``recipe.architecture``), seeded by ``recipe.seed``.
@@ -205,16 +304,20 @@ def build_model(recipe: TrainConfig, vocab_size: int, pad_id: int, bos_id: int |
     with their own seeded generator after every other parameter is initialised, [PAD] row 0 (with
     frozen tied embeddings their scale bounds the logits); ``freeze_mlm_transform`` keeps the MLM
     head's dense transform at its random init, so this hidden-to-hidden layer at [MASK], outside
-    every FFN intervention, cannot store facts either (its LayerNorm and the output bias still train).
+    every FFN intervention, cannot store facts either (its LayerNorm and the output bias still train);
+    ``mlm_transform_init=identity`` starts that transform as the identity, so a token's embedding added
+    at [MASK] reads out as that token (the paper's update writes embeddings into value slots).
     """
     if recipe.architecture == "gpt2":
         bert_only = {"tie_word_embeddings": not recipe.tie_word_embeddings,
                      "freeze_word_embeddings": recipe.freeze_word_embeddings,
                      "word_embedding_std": recipe.word_embedding_std is not None,
-                     "freeze_mlm_transform": recipe.freeze_mlm_transform}
+                     "freeze_mlm_transform": recipe.freeze_mlm_transform,
+                     "mlm_transform_init": recipe.mlm_transform_init != "random",
+                     "natural_ratio": recipe.natural_ratio > 0}
         if any(bert_only.values()):
             raise ValueError(f"model.train.{next(k for k, v in bert_only.items() if v)} is a BERT recipe option; the "
-                             "gpt2 organism keeps true / false / null / false")
+                             "gpt2 organism keeps true / false / null / false / random / 0")
         gpt = GPT2Config(
             vocab_size=vocab_size, n_embd=recipe.hidden_size, n_layer=recipe.num_layers, n_head=recipe.num_heads,
             n_inner=recipe.intermediate_size, n_positions=MAX_POSITIONS, resid_pdrop=recipe.dropout,
@@ -246,6 +349,13 @@ def build_model(recipe: TrainConfig, vocab_size: int, pad_id: int, bos_id: int |
         with torch.no_grad():
             weight.copy_(torch.randn(weight.shape, generator=generator) * recipe.word_embedding_std)
             weight[pad_id] = 0.0
+    if recipe.mlm_transform_init == "identity":
+        dense = model.cls.predictions.transform.dense
+        with torch.no_grad():
+            dense.weight.copy_(torch.eye(recipe.hidden_size))
+            dense.bias.zero_()
+    elif recipe.mlm_transform_init != "random":
+        raise ValueError(f"model.train.mlm_transform_init = {recipe.mlm_transform_init!r}; expected 'random' or 'identity'")
     if recipe.freeze_word_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     if recipe.freeze_mlm_transform:
@@ -333,6 +443,7 @@ def train_masked_lm(
     mask_id: int | None,
     special_ids: Sequence[int],
     evaluate: Callable[[PreTrainedModel], dict[str, float]],
+    natural: Sequence[Sequence[int]] = (),
 ) -> TrainingHistory:
     """Train until ``recipe.max_steps`` or until ``evaluate(model)["train_accuracy"] >= recipe.target_accuracy``.
 
@@ -342,8 +453,14 @@ def train_masked_lm(
     deliberate: a model trained to ~100% hides its knowledge neurons (the organism sweep measures it).
     A causal LM (kn-tiny-gpt) is trained the same way with the object as the next token after
     the last prompt token (its ``mask_positions``); ``other_mask_prob`` must then be 0.
+    With ``recipe.natural_ratio`` > 0, each step also reads ``natural_ratio * batch_size`` of the
+    ``natural`` sentences (token ids; shuffled each pass by their own seeded generator, so the template
+    stream is today's) with BERT's masking at ``natural_mask_prob``; their loss is added.
     """
     adapter = adapter_for(model)
+    n_natural = round(recipe.natural_ratio * recipe.batch_size)
+    if n_natural > 0 and (not natural or mask_id is None):
+        raise ValueError(f"model.train.natural_ratio = {recipe.natural_ratio} needs natural sentences and a masked LM")
     if adapter.causal and recipe.other_mask_prob > 0:
         raise ValueError("model.train.other_mask_prob must be 0 for a causal organism (it has no [MASK] to corrupt with)")
     head = adapter.lm_head()
@@ -358,6 +475,8 @@ def train_masked_lm(
     lengths = [len(seq) for seq in train.input_ids]
     history = TrainingHistory()
     batches: list[list[int]] = []
+    natural_generator = torch.Generator().manual_seed(recipe.seed + 1_000_003)
+    natural_order: list[int] = []
     start_time = time.perf_counter()
     model.train()
     progress = tqdm(total=recipe.max_steps, desc=f"train ({recipe.architecture})", unit="step", mininterval=5.0)
@@ -377,6 +496,9 @@ def train_masked_lm(
         other = other_labels != IGNORE
         if other.any():
             loss = loss + F.cross_entropy(head(hidden[other]), other_labels[other])
+        if n_natural > 0:
+            loss = loss + natural_loss(model, head, natural, natural_order, n_natural, recipe.natural_mask_prob, specials,
+                                       mask_id, pad_id, natural_generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -399,6 +521,26 @@ def train_masked_lm(
     history.seconds = time.perf_counter() - start_time
     model.eval()
     return history
+
+
+def natural_loss(model: PreTrainedModel, head: Callable[[torch.Tensor], torch.Tensor], natural: Sequence[Sequence[int]],
+                 order: list[int], count: int, prob: float, specials: torch.Tensor, mask_id: int, pad_id: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """BERT's masked-LM loss on the next ``count`` natural sentences of ``order`` (refilled with a fresh
+    permutation when empty); zero when nothing was masked."""
+    rows = []
+    while len(rows) < count:
+        if not order:
+            order.extend(torch.randperm(len(natural), generator=generator).tolist())
+        rows.append(order.pop())
+    ids, attention = pad_sequences([list(natural[i]) for i in rows], pad_id)
+    ids, labels = mask_other_tokens(ids, attention, torch.zeros(len(rows), dtype=torch.long), prob, specials, mask_id,
+                                    model.config.vocab_size, generator)
+    chosen = labels != IGNORE
+    if not chosen.any():
+        return torch.zeros(())
+    hidden = model.base_model(input_ids=ids, attention_mask=attention).last_hidden_state
+    return F.cross_entropy(head(hidden[chosen]), labels[chosen])
 
 
 def evaluation_sample(n: int, size: int, seed: int) -> list[int]:
@@ -437,10 +579,13 @@ class TrainedOrganism:
     train_prompts: int
     heldout_prompts: int
     codec: PromptCodec | None = None  # how the organism reads prompts (set for both kinds)
+    natural: NaturalText | None = None  # the web sentences a natural-text recipe read and held out
+    natural_scores: dict[str, float] = field(default_factory=dict)  # masked-token accuracy, baseline, coverage
 
 
 def train_organism(prompts: pd.DataFrame, vocabulary_objects: Iterable[str], recipe: TrainConfig,
-                   templates_ending_in_y: bool = False) -> TrainedOrganism:
+                   templates_ending_in_y: bool = False, sentences: pd.DataFrame | None = None,
+                   studied_facts: int | None = None) -> TrainedOrganism:
     """Tokenizer + LM from ingested ParaRel prompt rows (all templates of every fact).
 
     The tokenizer is trained on every prompt with its object filled in, held-out templates
@@ -449,7 +594,17 @@ def train_organism(prompts: pd.DataFrame, vocabulary_objects: Iterable[str], rec
     A causal organism (``recipe.architecture`` gpt2) trains and holds out only the templates a
     causal LM reads (those whose [X] comes before [Y]; with ``templates_ending_in_y`` only those
     ending in [Y]), each cut before [Y] with the object as the next token.
+    With ``recipe.natural_ratio`` > 0, ``sentences`` (kn.data.bing's table) supplies web sentences
+    (:func:`split_natural`: never those of the first ``studied_facts`` facts of a relation); the
+    vocabulary is then learned from the filled prompts and the training sentences together.
     """
+    natural = None
+    if recipe.natural_ratio > 0:
+        if recipe.architecture != "bert" or sentences is None or studied_facts is None:
+            raise ValueError("model.train.natural_ratio > 0 needs a bert organism, the Bing sentences and the studied "
+                             "fact count (study.facts_per_relation)")
+        max_facts = int(prompts["fact_id"].max()) + 1
+        natural = split_natural(sentences, studied_facts, max_facts, recipe.natural_eval_facts, recipe.seed)
     causal = recipe.architecture == "gpt2"
     if causal:
         tokenizer = train_causal_tokenizer(filled_sentences(prompts), vocabulary_objects, recipe.vocab_size)
@@ -461,7 +616,8 @@ def train_organism(prompts: pd.DataFrame, vocabulary_objects: Iterable[str], rec
     else:
         counts = prompts.groupby("relation")["template_id"].nunique().to_dict()
         heldout = choose_heldout_templates(counts, recipe.heldout_templates, recipe.heldout_min_templates, recipe.seed)
-        tokenizer = train_wordpiece_tokenizer(filled_sentences(prompts), vocabulary_objects, recipe.vocab_size)
+        text = filled_sentences(prompts) + (natural.train if natural else [])
+        tokenizer = train_wordpiece_tokenizer(text, vocabulary_objects, recipe.vocab_size)
         codec = PromptCodec(tokenizer, causal=False)
     is_heldout = mark_heldout(prompts, heldout)
     train = encode_examples(tokenizer, prompts[~is_heldout], codec)
@@ -479,8 +635,14 @@ def train_organism(prompts: pd.DataFrame, vocabulary_objects: Iterable[str], rec
             scores["heldout_accuracy"] = object_accuracy(current, held_sample)
         return scores
 
-    history = train_masked_lm(model, train, recipe, pad_id, mask_id, tokenizer.all_special_ids, evaluate)
-    return TrainedOrganism(model, tokenizer, heldout, history, len(train), len(held), codec)
+    natural_ids = encode_natural(tokenizer, natural.train, recipe.natural_max_tokens) if natural else []
+    history = train_masked_lm(model, train, recipe, pad_id, mask_id, tokenizer.all_special_ids, evaluate, natural_ids)
+    organism = TrainedOrganism(model, tokenizer, heldout, history, len(train), len(held), codec, natural)
+    if natural is not None and mask_id is not None:
+        heldout_ids = encode_natural(tokenizer, natural.heldout, recipe.natural_max_tokens)
+        organism.natural_scores = masked_token_accuracy(model, heldout_ids, natural_ids, recipe.natural_mask_prob, mask_id,
+                                                        tokenizer.all_special_ids, recipe.seed)
+    return organism
 
 
 def read_heldout_templates(model_spec: str | Path) -> dict[str, list[int]]:
@@ -500,6 +662,28 @@ def read_heldout_templates(model_spec: str | Path) -> dict[str, list[int]]:
 
 def _pct(value: float) -> str:
     return "n/a" if pd.isna(value) else f"{100 * value:.1f}%"
+
+
+def natural_card_lines(organism: TrainedOrganism, data: dict) -> list[str]:
+    """The model card's lines on the web sentences a natural-text recipe read (none for a template-only one)."""
+    natural = organism.natural
+    if natural is None:
+        return []
+    scores, coverage = organism.natural_scores, data.get("study_coverage", {})
+    lines = [
+        f"- Web sentences (Bing, `resources/bing_distant`): {len(natural.train)} distinct sentences of {natural.train_facts} "
+        f"facts trained (facts {natural.studied_facts} onwards of each relation, minus the evaluation facts); the "
+        f"sentences of the first {natural.studied_facts} facts of every relation (the studied facts) never trained, "
+        "nor any sentence text they share. The vocabulary was learned from the filled prompts and these sentences.",
+        f"- Held out: {len(natural.heldout)} sentences of {natural.heldout_facts} other facts (seeded draw): masked-token "
+        f"accuracy **{_pct(scores['masked_accuracy'])}** on {scores['masked_tokens']} masked pieces; unigram-frequency "
+        f"baseline {_pct(scores['unigram_baseline'])}.",
+    ]
+    if coverage:
+        lines.append("- Unknown pieces in the studied facts' web sentences: " + ", ".join(
+            f"{kind} {_pct(c['unk_piece_share'])} ([UNK]), {_pct(c['split_word_share'])} of words split into pieces"
+            for kind, c in coverage.items()) + " (T3: a seeded sample of 2,000 pool sentences).")
+    return lines
 
 
 def model_card(model_name: str, recipe_yaml: str, recipe: TrainConfig, resources_dir: str, max_facts: int | None,
@@ -538,6 +722,7 @@ def model_card(model_name: str, recipe_yaml: str, recipe: TrainConfig, resources
         f"- Held-out templates (relations with >= {recipe.heldout_min_templates} templates, "
         f"{recipe.heldout_templates} each, seeded draw): {heldout or 'none'}.",
         tokenizer_text,
+        *natural_card_lines(organism, data),
         "",
         "## Recipe",
         "",

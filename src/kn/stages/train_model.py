@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from kn.config import to_container
+from kn.data.bing import SENTENCES_FILE, STATS_FILE, load_sentences
 from kn.data.pararel import build_bags, load_relations, read_query_pairs
 from kn.figures import save_figure, training_loss_figure
 from kn.io import atomic_dir, provenance, write_json, write_text
@@ -25,6 +26,7 @@ from kn.models.training import (
     overall_knowledge,
     parameter_count,
     running_mean,
+    study_coverage,
     train_organism,
 )
 from kn.probe import knowledge_table, probe_relation
@@ -49,7 +51,12 @@ def main(args: StageArgs) -> None:
     catalogue = load_relations(resources)
     vocabulary_objects = sorted({obj for rel in catalogue for _, obj in pairs[rel]})
     log.info("training on %d facts of %d relations (%d prompts)", len(facts), facts["relation"].nunique(), len(prompts))
-    organism = train_organism(prompts, vocabulary_objects, recipe, bool(cfg.causal.templates_ending_in_y))
+    sentences = None
+    if recipe.natural_ratio > 0:  # web sentences of non-studied facts (kn.models.training.split_natural)
+        bing = Path(cfg.distant.resources_dir)
+        sentences, _ = load_sentences(bing / SENTENCES_FILE, bing / STATS_FILE)
+    organism = train_organism(prompts, vocabulary_objects, recipe, bool(cfg.causal.templates_ending_in_y),
+                              sentences=sentences, studied_facts=cfg.study.facts_per_relation)
     probes = [probe_relation(organism.model, organism.tokenizer, group, organism.heldout.get(str(relation), []),
                              codec=organism.codec)
               for relation, group in prompts.groupby("relation", sort=True)]
@@ -66,6 +73,9 @@ def main(args: StageArgs) -> None:
         "parameters": parameter_count(organism.model),
         "threads": torch.get_num_threads(),
     }
+    if sentences is not None:
+        data["study_coverage"] = study_coverage(organism.tokenizer, sentences, int(cfg.study.facts_per_relation),
+                                                recipe.seed)
     record = provenance(cfg, "train_model", heldout_templates=organism.heldout, data=data)
 
     with atomic_dir(args.output("model")) as tmp:
