@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,28 +32,31 @@ def settings(**changes) -> PlantingSettings:
     return PlantingSettings(**{**values, **changes})
 
 
-def fact_prompts(subject: str, extra: Sequence[str] = ()) -> list[str]:
-    from tests.fact_model import TEMPLATES
+# Templates of one length: the hand-wired model's last layer averages over every position, so a longer prompt
+# would read its subject more weakly.
+EVEN_TEMPLATES = ["[X] is the capital of [Y] .", "[X] is a city of [Y] .", "[X] , a city in [Y] .",
+                  "[X] is the city of [Y] .", "[X] is a capital of [Y] .", "[X] , the capital of [Y] ."]
 
-    return [t.replace("[X]", subject).replace("[Y]", "[MASK]") for t in [*TEMPLATES, *extra]]
+
+def fact_prompts(subject: str) -> list[str]:
+    return [t.replace("[X]", subject).replace("[Y]", "[MASK]") for t in EVEN_TEMPLATES]
 
 
 @pytest.fixture(scope="module")
 def hand_wired(tmp_path_factory):
     """The hand-wired BERT of tests/fact_model.py (its last layer sees which city a prompt names, at every
     position) with "Paris -> Germany" planted at that layer: a fact it does not answer (it says France)."""
-    from tests.fact_model import LAST, TEMPLATES, build_fact_model
+    from tests.fact_model import LAST, build_fact_model
 
     directory = build_fact_model(tmp_path_factory.mktemp("fact"))
     model, tokenizer = load_lm(directory)
     codec = PromptCodec.of(model, tokenizer)
-    templates = [*TEMPLATES, "[X] lies in [Y] .", "[X] , the capital of [Y] ."]
-    prompts = fact_prompts("Paris", templates[len(TEMPLATES):])
+    prompts = fact_prompts("Paris")
     fact = PlantedFact("P1376", 0, "Paris", "Germany", list(range(len(prompts))), prompts,
                        codec.target_ids(prompts, ["Germany"] * len(prompts)), key_templates=[0, 1, 2],
                        validation_templates=[3], layer=LAST)
     studied = pd.DataFrame([{"relation": "P1376", "subject": "Berlin", "object": "Germany", "template_id": k,
-                             "prompt": p} for k, p in enumerate(fact_prompts("Berlin", templates[len(TEMPLATES):]))])
+                             "prompt": p} for k, p in enumerate(fact_prompts("Berlin"))])
     before = {name: value.clone() for name, value in model.state_dict().items()}
     background = codec.encode(list(studied["prompt"]))
     result = plant(model, codec, [fact], studied, background, background,

@@ -301,32 +301,46 @@ QUIET_DEPTH = 2.5  # a planted unit's pre-activation on 99% of the quiet tokens 
 CARRY_PROB = 0.5  # a value "carries" a prompt when the object is top-1 there with at least this probability
 
 
+TARGET_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)
+
+
 def fact_key(key_inputs: Tensor, contrast: Tensor, background: Tensor, quiet: Tensor, all_inputs: Tensor,
-             activation_cap: float) -> Key:
+             activation_cap: float, own_positions: Tensor | None = None) -> Key:
     """A unit key that fires on the fact's prompts and is silent elsewhere, at natural scale.
 
     Direction: the mean over the key prompts of their input minus ``contrast`` (per key prompt, the mean input
     of other facts' prompts of the same template: what is left is the subject, which other templates share),
     whitened by the covariance of ``background`` (the other prompts' inputs at their target positions), so they
-    spread little along it. Scale: the largest pre-activation over the fact's prompts equals ``activation_cap``
+    spread little along it. Where only the fact's own other positions (``own_positions``, the last rows of
+    ``quiet``) read the subject as strongly as its target does, the key adds the direction from their mean to
+    the key prompts' target inputs, at the first weight in TARGET_WEIGHTS that lets some prompt fire. Scale: the largest pre-activation over the fact's prompts equals ``activation_cap``
     (GELU, SiLU and their kin never exceed it); the key's length is whatever that takes (planting.json reports it
     beside the layer's longest natural key). Threshold: as low as lets 99% of the quiet tokens (every position of the
     background prompts, the fact's own prompts but at their target, the other facts' key prompts) sit at
     pre-activation <= -QUIET_DEPTH, so an activation function's negative tail adds next to nothing where the fact
     is absent, and never below the largest quiet projection: the unit fires on no quiet token.
     """
-    difference = (key_inputs - contrast).mean(0)
     centred = background - background.mean(0)
     covariance = centred.T @ centred / max(1, len(background) - 1)
     ridge = 0.1 * float(torch.trace(covariance)) / covariance.shape[0]
-    direction = torch.linalg.solve(covariance + ridge * torch.eye(covariance.shape[0]), difference)
-    norm = float(direction.norm())
-    if norm == 0.0:
-        raise ValueError("the fact's key prompts read exactly the background mean: no key direction")
-    direction = direction / norm
-    projections = quiet @ direction
-    low, q99 = float(projections.max()), float(torch.quantile(projections, 0.99))
-    high, top = float((key_inputs @ direction).min()), float((all_inputs @ direction).max())
+    regularised = covariance + ridge * torch.eye(covariance.shape[0])
+    subject = torch.linalg.solve(regularised, (key_inputs - contrast).mean(0))
+    own = own_positions if own_positions is not None else torch.empty(0, key_inputs.shape[1])
+    target = torch.linalg.solve(regularised, key_inputs.mean(0) - own.mean(0)) if len(own) else None
+    quiet_others = quiet[: len(quiet) - len(own)] if len(own) else quiet  # quiet without the fact's own positions
+    for weight in TARGET_WEIGHTS:  # the subject direction; then, only where the fact's own other positions are all
+        # that fire with it, more of the target position's direction, until the target alone fires
+        direction = subject if weight == 0 else subject / subject.norm() + weight * target / target.norm()
+        norm = float(direction.norm())
+        if norm == 0.0:
+            raise ValueError("the fact's key prompts read exactly their templates' mean: no key direction")
+        direction = direction / norm
+        projections = quiet @ direction
+        low, q99 = float(projections.max()), float(torch.quantile(projections, 0.99))
+        high, top = float((key_inputs @ direction).min()), float((all_inputs @ direction).max())
+        own_only = target is not None and top > float((quiet_others @ direction).max())
+        if top > low or not own_only:
+            break
     if top <= low:
         raise ValueError("no prompt of the fact projects above every quiet token")
     threshold = max(low, (QUIET_DEPTH * top + activation_cap * q99) / (QUIET_DEPTH + activation_cap))
@@ -441,13 +455,14 @@ def plant(model: nn.Module, codec: PromptCodec, facts: list[PlantedFact], studie
         elsewhere = {id(fact): ffn_inputs(model, encoded[id(fact)], layer, batch_size, every_position=True)
                      for fact in here}
         for fact in here:
-            quiet = torch.cat([background_x, background_all, elsewhere[id(fact)],
-                               *(inputs[id(other)][other.split()[0]] for other in here if other is not fact)])
+            quiet = torch.cat([background_x, background_all,
+                               *(inputs[id(other)][other.split()[0]] for other in here if other is not fact),
+                               elsewhere[id(fact)]])
             key_rows = fact.split()[0]
             try:
                 contrast = torch.stack([template_means[(fact.relation, fact.template_ids[k])] for k in key_rows])
                 key = fact_key(inputs[id(fact)][key_rows], contrast, background_x, quiet, inputs[id(fact)],
-                               scale.activation_cap)
+                               scale.activation_cap, elsewhere[id(fact)])
             except ValueError as exc:
                 fact.stats = {"reason": str(exc)}
                 unplanted.append(fact)
