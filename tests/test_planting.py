@@ -213,3 +213,28 @@ def test_recall_and_effects_are_ratios_of_sums_over_facts_with_intervals():
 def test_bad_controls_values_fail_with_the_keys_name(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose_config([override])
+
+
+def test_the_planted_units_carry_the_fact_and_the_update_rule_runs_through_them(hand_wired):
+    """kn.controls on the planted hand-wired model: zeroing the planted units removes the planted answer,
+    doubling them raises it, and the paper's update rule is applied through them (one row per edit)."""
+    from kn.controls import PlantedStudy, planted_effects, readout_ranks, updates_through
+    from kn.editing import PromptScorer
+    from kn.tables import Fact
+
+    _, model, tokenizer, codec, result, _ = hand_wired
+    (fact,) = result.facts
+    paris = Fact("P1376", 0, "Paris", "Germany", tuple(fact.template_ids), tuple(fact.prompts))
+    planted = [PlantedStudy("P1376", 0, fact.layer, tuple((fact.layer, u) for u in fact.units), paris)]
+    berlin = [Fact("P1376", 0, "Berlin", "France", tuple(range(6)), tuple(fact_prompts("Berlin")))]
+    effects = planted_effects(model, codec, planted, suppress=0.0, amplify=2.0, batch_size=8).iloc[0]
+    assert effects["planted_suppress"] / effects["planted_p0"] < -0.5
+    assert effects["planted_amplify"] > 0
+    readout = readout_ranks(model, codec, planted, {"P1376": berlin}, 8).iloc[0]
+    assert readout["new_object"] == "France" and readout["readout_rank_x0"] >= 1
+    scorer = PromptScorer(model, tokenizer, {"Germany": codec.target_id(fact.prompts[0], "Germany"),
+                                             "France": codec.target_id(fact.prompts[0], "France")}, 8, codec=codec)
+    settings_ = {"edits_per_relation": 3, "max_attempts": 50, "ppl_facts": 1, "lambda1": 1, "lambda2": 8, "success_k": 5}
+    edits = updates_through(scorer, planted, {"P1376": berlin}, {("P1376", 0): planted[0].units}, settings_, 0)
+    assert len(edits) == 3 and set(edits["fact_id"]) == {0} and set(edits["new_object"]) == {"France"}
+    assert (edits["n_neurons"] == len(fact.units)).all()

@@ -136,3 +136,18 @@ def test_the_verdict_follows_the_evidence() -> None:
     nothing = verdict_lines(_cfg(), RunResults())
     assert nothing[4] == "Verdict: No verdict: the stages it needs did not run."
     assert "not measured" in nothing[0] and "not measured" in nothing[1] and nothing[3].endswith("not run.")
+
+
+def test_the_controls_section_puts_the_planted_facts_beside_the_random_neurons() -> None:
+    from kn.summary import control_lines
+
+    run = _full_run()
+    assert control_lines(run) == [
+        "Positive control: not run (controls.enabled=false, or a stage it needs did not run).",
+        "Negative control: as many random neurons from the same layers as each fact's knowledge neurons change the "
+        "gold probability by -0.5% [-1.0%, +0.0%] (×0) and +0.2% [+0.0%, +0.5%] (×2).",
+    ]
+    run.controls = {"lines": ["IG recovers 70% of 629 planted units [34%, 100%]"]}
+    assert control_lines(run)[0] == "IG recovers 70% of 629 planted units [34%, 100%]"
+    run.evaluate = None
+    assert len(control_lines(run)) == 1
