@@ -19,7 +19,8 @@ MODEL_STAGE = ("seed", "device", "model", "causal")  # stages that load the mode
 SECTIONS: dict[str, Optional[tuple[str, ...]]] = {
     "ingest_relation": ("seed", "data.resources_dir", "data.max_facts_per_relation"),
     "ingest": ("seed",),
-    "train_model": ("seed", "data.resources_dir", "data.max_facts_per_relation", "model", "causal.templates_ending_in_y"),
+    "train_model": ("seed", "data.resources_dir", "data.max_facts_per_relation", "study.facts_per_relation", "model",
+                    "causal.templates_ending_in_y"),
     "probe": MODEL_STAGE,
     "probe_summary": (*MODEL_STAGE, "data.resources_dir"),
     "attribute": (*MODEL_STAGE, "study", "ig"),
