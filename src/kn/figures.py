@@ -307,6 +307,7 @@ def planted_recall_figure(layers: pd.DataFrame, n_layers: int) -> Figure:
     ax.set_ylabel("planted units recovered")
     ax.set_ylim(0, 1.15)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.legend(fontsize=8, loc="upper left")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
