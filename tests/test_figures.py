@@ -35,13 +35,13 @@ def test_saved_figures_are_reproducible(tmp_path: Path) -> None:
 
 
 def test_the_planted_recall_figure_draws_one_bar_pair_per_planted_layer_and_says_when_nothing_was_studied(tmp_path):
-    from kn.controls import LAYER_COLUMNS
     from kn.figures import planted_recall_figure
+    from kn.tables import PLANTED_LAYERS
 
     layers = pd.DataFrame([[0, 0, 0] + [float("nan")] * 6, [1, 2, 30, 0.5, 0.2, 0.8, 0.1, 0.0, 0.3]],
-                          columns=list(LAYER_COLUMNS))
+                          columns=list(PLANTED_LAYERS.columns))
     figure = planted_recall_figure(layers, 2)
     heights = sorted(round(p.get_height(), 3) for p in figure.axes[0].patches)
     assert heights == [0.0, 0.0, 0.1, 0.5]  # IG and baseline at layers 0 (nothing planted) and 1
-    empty = planted_recall_figure(pd.DataFrame(columns=list(LAYER_COLUMNS)), 2)
+    empty = planted_recall_figure(pd.DataFrame(columns=list(PLANTED_LAYERS.columns)), 2)
     assert any("no planted study" in text.get_text() for text in empty.axes[0].texts)

@@ -33,7 +33,7 @@ from kn.localise import ablation_name
 from kn.models.adapters import adapter_for
 from kn.models.encoding import PromptCodec
 from kn.models.forward import target_passes
-from kn.tables import Attribution, Fact, Neuron
+from kn.tables import PLANTED_LAYERS, PLANTED_SUMMARY, Attribution, Fact, Neuron
 
 READOUT_SCALES = (1.0, 4.0, 16.0)
 ALL = "ALL"
@@ -203,18 +203,6 @@ def _ratio(num: np.ndarray, den: np.ndarray, resamples: int, rng: np.random.Gene
     return point, low, high
 
 
-SUMMARY_COLUMNS = (
-    "relation", "facts", "planted_units", "ig_recall", "ig_recall_low", "ig_recall_high", "ig_facts_found",
-    "base_recall", "base_recall_low", "base_recall_high", "base_facts_found", "ig_rank_median", "ig_set_size",
-    "base_set_size", "suppress_planted", "suppress_planted_low", "suppress_planted_high", "amplify_planted",
-    "amplify_planted_low", "amplify_planted_high", "suppress_ig", "suppress_ig_low", "suppress_ig_high",
-    "amplify_ig", "amplify_ig_low", "amplify_ig_high", "ceiling_layer", "ceiling_layer_low", "ceiling_layer_high",
-    "update_planted_edits", "update_planted_success", "update_planted_success_low", "update_planted_success_high",
-    "update_ig_edits", "update_ig_success", "update_ig_success_low", "update_ig_success_high",
-    "readout_rank_x16",
-)
-
-
 def summary_table(facts: pd.DataFrame, updates: Mapping[str, pd.DataFrame], resamples: int, seed: int) -> pd.DataFrame:
     """One row per relation and ``ALL``: every aggregate of the module doc with its interval.
 
@@ -246,11 +234,7 @@ def summary_table(facts: pd.DataFrame, updates: Mapping[str, pd.DataFrame], resa
                                                           per_fact["count"].to_numpy(float), resamples, rng)
         row["readout_rank_x16"] = float(group["readout_rank_x16"].median()) if "readout_rank_x16" in group else math.nan
         rows.append(row)
-    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
-
-
-LAYER_COLUMNS = ("layer", "facts", "planted_units", "ig_recall", "ig_recall_low", "ig_recall_high", "base_recall",
-                 "base_recall_low", "base_recall_high")
+    return pd.DataFrame(rows, columns=list(PLANTED_SUMMARY.columns))
 
 
 def layer_table(facts: pd.DataFrame, n_layers: int, resamples: int, seed: int) -> pd.DataFrame:
@@ -264,7 +248,7 @@ def layer_table(facts: pd.DataFrame, n_layers: int, resamples: int, seed: int) -
             row[f"{method}_recall"], row[f"{method}_recall_low"], row[f"{method}_recall_high"] = _ratio(
                 group[f"{method}_found"].to_numpy(float), group["units"].to_numpy(float), resamples, rng)
         rows.append(row)
-    return pd.DataFrame(rows, columns=list(LAYER_COLUMNS))
+    return pd.DataFrame(rows, columns=list(PLANTED_LAYERS.columns))
 
 
 def _pct(value: float) -> str:

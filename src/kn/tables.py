@@ -142,6 +142,19 @@ LOCALISATION = Table("localisation", "localise", _schema(
 CEILING = CsvTable("localisation ceiling", "localise_summary", (
     "relation", "n_facts", "n_prompts", "p0", "ffn_mask_all", "ffn_subject_all", "ffn_all_positions", "attn_mask_all"))
 
+# ---------------------------------------------------------------------------------------------- positive control
+PLANTED_SUMMARY = CsvTable("positive control", "controls_summary", (
+    "relation", "facts", "planted_units", "ig_recall", "ig_recall_low", "ig_recall_high", "ig_facts_found",
+    "base_recall", "base_recall_low", "base_recall_high", "base_facts_found", "ig_rank_median", "ig_set_size",
+    "base_set_size", "suppress_planted", "suppress_planted_low", "suppress_planted_high", "amplify_planted",
+    "amplify_planted_low", "amplify_planted_high", "suppress_ig", "suppress_ig_low", "suppress_ig_high",
+    "amplify_ig", "amplify_ig_low", "amplify_ig_high", "ceiling_layer", "ceiling_layer_low", "ceiling_layer_high",
+    "update_planted_edits", "update_planted_success", "update_planted_success_low", "update_planted_success_high",
+    "update_ig_edits", "update_ig_success", "update_ig_success_low", "update_ig_success_high", "readout_rank_x16"))
+PLANTED_LAYERS = CsvTable("positive control by layer", "controls_summary", (
+    "layer", "facts", "planted_units", "ig_recall", "ig_recall_low", "ig_recall_high", "base_recall",
+    "base_recall_low", "base_recall_high"))
+
 # ---------------------------------------------------------------------------------------------- editing
 UPDATES = Table("fact updates", "edit_update", _schema(
     ("method", _S), ("relation", _S), ("attempt", _I32), ("fact_id", _I32), ("template_id", _I32), ("subject", _S),

@@ -17,14 +17,14 @@ import logging
 import pandas as pd
 
 from kn.config import to_container
-from kn.controls import (LAYER_COLUMNS, SUMMARY_COLUMNS, control_lines, layer_table, planted_effects, planted_facts,
-                         readout_ranks, study_rows, summary_table, updates_through)
+from kn.controls import (control_lines, layer_table, planted_effects, planted_facts, readout_ranks, study_rows,
+                         summary_table, updates_through)
 from kn.editing import PromptScorer
 from kn.figures import planted_recall_figure, save_figure
 from kn.io import provenance, write_json, write_text
 from kn.stages.cli import StageArgs, load_model, run_stage
-from kn.tables import (EVALUATION, LOCALISATION, RELATION_PROMPTS, facts_of, read_attribution, read_neurons,
-                       studied_rows)
+from kn.tables import (EVALUATION, LOCALISATION, PLANTED_LAYERS, PLANTED_SUMMARY, RELATION_PROMPTS, facts_of,
+                       read_attribution, read_neurons, studied_rows)
 
 log = logging.getLogger("kn.controls_summary")
 
@@ -70,8 +70,8 @@ def main(args: StageArgs) -> None:
         log.info("%s", line)
     meta = provenance(cfg, "controls_summary")
     # without a planted study the tables keep their columns and have no rows
-    table = pd.DataFrame(columns=list(SUMMARY_COLUMNS)) if table is None else table
-    layers = pd.DataFrame(columns=list(LAYER_COLUMNS)) if layers is None else layers
+    table = pd.DataFrame(columns=list(PLANTED_SUMMARY.columns)) if table is None else table
+    layers = pd.DataFrame(columns=list(PLANTED_LAYERS.columns)) if layers is None else layers
     facts_table = pd.DataFrame(columns=["relation", "fact_id", "layer", "units"]) if facts_table is None else facts_table
     write_text(args.output("table"), table.to_csv(index=False))
     write_text(args.output("layers"), layers.to_csv(index=False))
