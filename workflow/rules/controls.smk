@@ -53,7 +53,7 @@ if CFG.controls.enabled:
             L.log(f"{CONTROL_DIR}/study.json"),
         benchmark:
             L.benchmark(f"{CONTROL_DIR}/study.json")
-        threads: 1024  # Snakemake caps a job's threads at --cores: the nested run gets every core
+        threads: 1  # the nested run uses one core beside the main study (with every core it would wait for both to free)
         conda:
             CONDA_ENV
         shell:
