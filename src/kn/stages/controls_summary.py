@@ -34,6 +34,7 @@ def main(args: StageArgs) -> None:
     record = json.loads(args.input("record").read_text(encoding="utf-8"))
     study = json.loads(args.input("study").read_text(encoding="utf-8"))
     table = layers = facts_table = None
+    loaded = load_model(args)  # also where no planted study ran: every model stage records the device it ran on
     if study["ran"]:
         data = args.keyed_inputs("data")
         facts = {rel: facts_of(RELATION_PROMPTS.read(path, rel), path) for rel, path in data.items()}
@@ -46,7 +47,6 @@ def main(args: StageArgs) -> None:
         localisation = {rel: LOCALISATION.read(path, rel) for rel, path in args.keyed_inputs("localisation").items()}
         studied = {rel: facts_of(studied_rows(RELATION_PROMPTS.read(path, rel), cfg.study.facts_per_relation), path)
                    for rel, path in args.keyed_inputs("studied").items()}
-        loaded = load_model(args)
         batch_size = int(cfg.controls.batch_size)
         rows = study_rows(planted, neurons, attribution, evaluation, localisation)
         effects = planted_effects(loaded.model, loaded.codec, planted, suppress=float(cfg.evaluate.suppress_factor),
@@ -68,7 +68,7 @@ def main(args: StageArgs) -> None:
     lines = control_lines(record, table)
     for line in lines:
         log.info("%s", line)
-    meta = provenance(cfg, "controls_summary")
+    meta = provenance(cfg, "controls_summary", **loaded.record())
     # without a planted study the tables keep their columns and have no rows
     table = pd.DataFrame(columns=list(PLANTED_SUMMARY.columns)) if table is None else table
     layers = pd.DataFrame(columns=list(PLANTED_LAYERS.columns)) if layers is None else layers
