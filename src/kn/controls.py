@@ -24,18 +24,15 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import nn
 
-from kn.editing import PromptScorer, edit_embeddings, update_study
+from kn.editing import PromptScorer, update_study
 from kn.interventions import Intervention, bootstrap_counts, gold_probabilities, percentile_ci, ratio_of_averages
 from kn.localise import ablation_name
-from kn.models.adapters import adapter_for
 from kn.models.encoding import PromptCodec
-from kn.models.forward import target_passes
+from kn.models.readout import READOUT_SCALES, embedding_readout_ranks
 from kn.tables import PLANTED_LAYERS, PLANTED_SUMMARY, Attribution, Fact, Neuron
 
-READOUT_SCALES = (1.0, 4.0, 16.0)
 ALL = "ALL"
 
 
@@ -161,34 +158,18 @@ def readout_ranks(model: nn.Module, codec: PromptCodec, planted: Sequence[Plante
                   studied: Mapping[str, Sequence[Fact]], batch_size: int) -> pd.DataFrame:
     """Per planted fact, the median over its prompts of the rank of a new object t' (the first studied object of
     its relation that differs from its own) with t''s token vector added to the final hidden state at the target
-    position, scaled to ``s`` times that state's norm, for each ``s`` in READOUT_SCALES (and unchanged, s = 0)."""
-    adapter = adapter_for(model)
-    head = adapter.lm_head()
-    vectors, _ = edit_embeddings(model)
+    position at ``s`` times that state's norm (kn.models.readout), for s = 0 (unchanged) and READOUT_SCALES."""
+    scales = (0.0, *READOUT_SCALES)
     rows = []
     for item in planted:
         others = [f.object for f in studied.get(item.relation, []) if f.object != item.fact.object]
         new_id = codec.target_id(item.fact.prompts[0], others[0]) if others else None
         row: dict[str, Any] = {"relation": item.relation, "fact_id": item.fact_id,
                                "new_object": others[0] if others else None}
-        if new_id is None:
-            rows.append(row)
-            continue
-        encoded = codec.encode(list(item.fact.prompts))
-        direction = vectors[new_id].detach().float()
-        direction = direction / direction.norm()
-        ranks: dict[float, list[int]] = {s: [] for s in (0.0, *READOUT_SCALES)}
-        for batch in target_passes(model, encoded, batch_size=batch_size, logits=False, all_hidden=True):
-            assert batch.hidden_states is not None
-            rows_t = torch.arange(len(batch.items), device=batch.positions.device)
-            hidden = batch.hidden_states[-1][rows_t, batch.positions].float()
-            norms = hidden.norm(dim=-1, keepdim=True)
-            with torch.no_grad():
-                for scale in ranks:
-                    logits = head(hidden + scale * norms * direction.to(hidden.device)).float()
-                    ranks[scale] += ((logits > logits[:, new_id : new_id + 1]).sum(-1) + 1).tolist()
-        for scale, values in ranks.items():
-            row[f"readout_rank_x{scale:g}"] = float(np.median(values))
+        if new_id is not None:
+            ranks = embedding_readout_ranks(model, codec.encode(list(item.fact.prompts)),
+                                            [new_id] * len(item.fact.prompts), scales, batch_size)
+            row.update({f"readout_rank_x{scale:g}": float(np.median(ranks[:, k])) for k, scale in enumerate(scales)})
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -5,6 +5,9 @@ if TRAINED:
     rule train_model:
         input:
             pararel_files(ALL_RELATIONS),  # training reads every relation, whatever data.relations selects
+            # a natural-text recipe (model.train.natural_ratio > 0) also reads the web sentences
+            [f"{CFG.distant.resources_dir}/{name}" for name in ("sentences.parquet", "stats.json")]
+            if CFG.model.train.get("natural_ratio", 0) > 0 else [],
         output:
             model=directory(L.trained_model),
             card=report(L.path("model_card.md"), caption="../report/model_card.rst", category="1. Model"),

@@ -20,7 +20,7 @@ SECTIONS: dict[str, Optional[tuple[str, ...]]] = {
     "ingest_relation": ("seed", "data.resources_dir", "data.max_facts_per_relation"),
     "ingest": ("seed",),
     "train_model": ("seed", "data.resources_dir", "data.max_facts_per_relation", "study.facts_per_relation", "model",
-                    "causal.templates_ending_in_y"),
+                    "causal.templates_ending_in_y", "distant.resources_dir"),
     "probe": MODEL_STAGE,
     "probe_summary": (*MODEL_STAGE, "data.resources_dir"),
     "attribute": (*MODEL_STAGE, "study", "ig"),
