@@ -238,3 +238,28 @@ def test_the_planted_units_carry_the_fact_and_the_update_rule_runs_through_them(
     edits = updates_through(scorer, planted, {"P1376": berlin}, {("P1376", 0): planted[0].units}, settings_, 0)
     assert len(edits) == 3 and set(edits["fact_id"]) == {0} and set(edits["new_object"]) == {"France"}
     assert (edits["n_neurons"] == len(fact.units)).all()
+
+
+@pytest.mark.parametrize("quantile", [0.999, 0.5, 0.0, 1.0])
+def test_layer_scales_keep_only_the_largest_activations_and_equal_numpy_over_all_of_them(tmp_path, quantile):
+    """The activation cap, from the running largest values, against np.quantile over every activation (the
+    reference), and the activity against the mean |activation| over every token."""
+    from kn.hooks import capture_activations
+    from kn.planting import layer_scales
+    from tests.standins import write_bert_standin
+
+    model, tokenizer = load_lm(write_bert_standin(tmp_path / "bert", RELATIONS, layers=2, hidden=32, ffn=64))
+    codec = PromptCodec.of(model, tokenizer)
+    prompts = list(build_bags(RESOURCES, RELATIONS, 3)[0]["prompt"])
+    encoded = codec.encode(prompts)
+    scales = layer_scales(model, encoded, quantile, batch_size=7)
+    every: dict[int, list[np.ndarray]] = {0: [], 1: []}
+    for ids in encoded.input_ids:
+        with torch.no_grad(), capture_activations(model, None, [0, 1]) as captured:
+            model(input_ids=torch.tensor([ids]))
+        for layer in every:
+            every[layer].append(captured[layer][0].float().numpy())
+    for layer, rows in every.items():
+        values = np.concatenate(rows)
+        assert scales[layer].activation_cap == pytest.approx(float(np.quantile(values.ravel(), quantile)), rel=1e-6)
+        np.testing.assert_allclose(scales[layer].activity, np.abs(values).mean(axis=0), rtol=1e-5)

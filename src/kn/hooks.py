@@ -70,26 +70,33 @@ def attention_output_hooks(model: nn.Module, edits: Mapping[int, ActivationEdit]
 
 
 @contextlib.contextmanager
-def capture_activations(
-    model: nn.Module, positions: torch.Tensor, layers: Sequence[int] | None = None
-) -> Iterator[dict[int, torch.Tensor]]:
-    """Record each layer's FFN neuron vector at one position per row (e.g. the [MASK]).
-
-    Yields a dict filled during the forward pass: ``{layer: [batch, units]}`` (detached).
-    """
-    chosen = range(adapter_for(model).n_layers) if layers is None else layers
+def _capture_inputs(model: nn.Module, positions: torch.Tensor | None, layers: Sequence[int],
+                    module_of: Callable[[Adapter, int], nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the input of ``module_of(adapter, layer)`` for each layer, at one position per row or everywhere."""
     captured: dict[int, torch.Tensor] = {}
-    rows = torch.arange(positions.shape[0], device=positions.device)
+    rows = None if positions is None else torch.arange(positions.shape[0], device=positions.device)
 
     def make(layer: int) -> ActivationEdit:
-        def record(act: torch.Tensor) -> None:
-            captured[layer] = act[rows, positions].detach()
+        def record(value: torch.Tensor) -> None:
+            captured[layer] = (value if rows is None else value[rows, positions]).detach()
             return None
 
         return record
 
-    with ffn_hooks(model, {layer: make(layer) for layer in chosen}):
+    with _layer_hooks(model, {layer: make(layer) for layer in layers}, True, module_of):
         yield captured
+
+
+def capture_activations(
+    model: nn.Module, positions: torch.Tensor | None, layers: Sequence[int] | None = None
+) -> ContextManager[dict[int, torch.Tensor]]:
+    """Record each layer's FFN neuron vector at one position per row (e.g. the [MASK]), or at every position
+    (``positions`` None).
+
+    Yields a dict filled during the forward pass: ``{layer: [batch, units]}`` (or ``[batch, seq, units]``), detached.
+    """
+    chosen = range(adapter_for(model).n_layers) if layers is None else layers
+    return _capture_inputs(model, positions, chosen, Adapter.value_projection)
 
 
 @contextlib.contextmanager
@@ -173,32 +180,16 @@ def edited_value_slots(model: nn.Module, new_slots: Mapping[Neuron, torch.Tensor
                 slots[unit] = original
 
 
-@contextlib.contextmanager
 def capture_ffn_inputs(
     model: nn.Module, positions: torch.Tensor | None, layers: Sequence[int]
-) -> Iterator[dict[int, torch.Tensor]]:
+) -> ContextManager[dict[int, torch.Tensor]]:
     """Record what each named layer's FFN reads (its up projection's input) at one position per row, or at every
     position (``positions`` None).
 
     Yields ``{layer: [batch, hidden]}`` (or ``[batch, seq, hidden]``), detached, filled during the forward pass:
     the vectors a unit's key is matched against.
     """
-    adapter = adapter_for(model)
-    captured: dict[int, torch.Tensor] = {}
-    rows = None if positions is None else torch.arange(positions.shape[0], device=positions.device)
-    handles = []
-    try:
-        for layer in layers:
-            _check_layer(layer, adapter.n_layers)
-
-            def record(_module: nn.Module, inputs: tuple, layer: int = layer) -> None:
-                captured[layer] = (inputs[0] if rows is None else inputs[0][rows, positions]).detach()
-
-            handles.append(adapter.key_projection(layer).register_forward_pre_hook(record))
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
+    return _capture_inputs(model, positions, layers, Adapter.key_projection)
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from kn.hooks import added_value, capture_ffn_inputs, ffn_hooks
+from kn.hooks import added_value, capture_activations, capture_ffn_inputs
 from kn.models.adapters import adapter_for, model_device
 from kn.models.encoding import EncodedPrompts, PromptCodec, pad_sequences
 from kn.models.forward import pad_token_id, score_targets, target_passes
@@ -117,7 +117,7 @@ class LayerScale:
     activation_cap: float  # the activation_quantile of its units' activations over every position
     value_cap: float  # its largest value-slot norm
     key_norm: float  # its largest key-row norm (reported beside a planted key's)
-    activity: np.ndarray  # [units] mean |activation| at the target position (least active units are overwritten)
+    activity: np.ndarray  # [units] mean |activation| over every position (the least active units are overwritten)
 
 
 # ---------------------------------------------------------------------------------------------- which facts
@@ -227,66 +227,76 @@ def assign_layers(facts: Sequence[PlantedFact], n_layers: int, layers: Sequence[
 # ---------------------------------------------------------------------------------------------- natural scale
 def layer_scales(model: nn.Module, encoded: EncodedPrompts, quantile: float, batch_size: int) -> dict[int, LayerScale]:
     """Every layer's activation cap, value-slot norm cap and unit activity (mean |activation|) over every position
-    of the background prompts: a unit fires anywhere, and one overwritten loses its role everywhere."""
+    of the background prompts: a unit fires anywhere, and one overwritten loses its role everywhere.
+
+    The cap is the ``quantile`` of all the layer's activations (numpy's linear interpolation), found from the
+    largest ones only, kept as the batches pass: the activations of a wide model would take gigabytes."""
     adapter = adapter_for(model)
-    observed: dict[int, list[Tensor]] = {layer: [] for layer in range(adapter.n_layers)}
-    activity: dict[int, Tensor] = {layer: torch.zeros(adapter.ffn_size, dtype=torch.float64)
-                                   for layer in range(adapter.n_layers)}
+    layers = list(range(adapter.n_layers))
+    count = sum(len(ids) for ids in encoded.input_ids) * adapter.ffn_size  # activations per layer
+    position = (count - 1) * quantile  # numpy's virtual index of the quantile in the ascending order
+    below = int(math.floor(position))
+    keep = count - below  # the largest values down to the one at ``below``
+    largest: dict[int, Tensor] = {layer: torch.empty(0) for layer in layers}
+    activity: dict[int, Tensor] = {layer: torch.zeros(adapter.ffn_size, dtype=torch.float64) for layer in layers}
     held: dict[int, Tensor] = {}
 
     @contextlib.contextmanager
     def capture(_items: Sequence[int], _positions: Tensor) -> Iterator[None]:
-        edits = {layer: (lambda act, layer=layer: held.__setitem__(layer, act.detach())) for layer in activity}
-        with ffn_hooks(model, edits):
+        with capture_activations(model, None, layers) as captured:
             yield
+        held.update(captured)
 
     tokens = 0
     for batch in target_passes(model, encoded, batch_size=batch_size, logits=False, edit=capture):
-        keep = batch.attention_mask.bool()
-        tokens += int(keep.sum())
-        for layer in activity:
-            act = held.pop(layer).float()
-            observed[layer].append(act[keep].cpu())
-            activity[layer] += act[keep].abs().sum(dim=0).double().cpu()
+        mask = batch.attention_mask.bool()
+        tokens += int(mask.sum())
+        for layer in layers:
+            act = held.pop(layer).float()[mask]
+            pool = torch.cat([largest[layer], act.cpu().ravel()])
+            largest[layer] = torch.topk(pool, min(keep, len(pool))).values
+            activity[layer] += act.abs().sum(dim=0).double().cpu()
     out = {}
-    for layer, chunks in observed.items():
-        values = torch.cat(chunks)
+    for layer in layers:
+        top = largest[layer].numpy()  # descending: top[count - 1 - i] is the i-th smallest activation
+        low = top[count - 1 - below]
+        high = top[count - 2 - below] if below + 1 <= count - 1 else low
+        cap = float(np.quantile(np.array([low, high], dtype=top.dtype), position - below))
         with torch.no_grad():
             norms = adapter.value_slots(layer).float().norm(dim=1)
             key_norms = adapter.keys(layer)[0].float().norm(dim=1)
-        out[layer] = LayerScale(float(np.quantile(values.numpy().ravel(), quantile)), float(norms.max()),
-                                float(key_norms.max()), (activity[layer] / max(1, tokens)).numpy())
+        out[layer] = LayerScale(cap, float(norms.max()), float(key_norms.max()),
+                                (activity[layer] / max(1, tokens)).numpy())
     return out
 
 
-def ffn_inputs(model: nn.Module, encoded: EncodedPrompts, layer: int, batch_size: int,
-               every_position: bool = False) -> Tensor:
-    """What layer ``layer``'s FFN reads (float32, CPU): ``[prompts, hidden]`` at each prompt's target position, or
-    (``every_position``) ``[tokens, hidden]`` at every other position of every prompt, padding left out."""
-    rows: list[Tensor] = []
+def ffn_inputs(model: nn.Module, encoded: EncodedPrompts, layer: int, batch_size: int) -> tuple[Tensor, Tensor]:
+    """What layer ``layer``'s FFN reads (float32, CPU), from one pass: ``[prompts, hidden]`` at each prompt's target
+    position, and ``[tokens, hidden]`` at every other position of every prompt, padding left out."""
+    targets: list[Tensor] = []
+    others: list[Tensor] = []
     order: list[int] = []
     held: dict[int, Tensor] = {}
 
     @contextlib.contextmanager
-    def capture(_items: Sequence[int], positions: Tensor) -> Iterator[None]:
-        with capture_ffn_inputs(model, None if every_position else positions, [layer]) as captured:
+    def capture(_items: Sequence[int], _positions: Tensor) -> Iterator[None]:
+        with capture_ffn_inputs(model, None, [layer]) as captured:
             yield
         held.update(captured)
 
     for batch in target_passes(model, encoded, batch_size=batch_size, logits=False, edit=capture):
         values = held.pop(layer).float()
-        if every_position:
-            keep = batch.attention_mask.bool().clone()
-            keep[torch.arange(len(batch.items)), batch.positions] = False
-            rows.append(values[keep].cpu())
-        else:
-            rows.append(values.cpu())
-            order += batch.items
-    if every_position:
-        return torch.cat(rows) if rows else torch.empty(0, adapter_for(model).hidden_size)
-    out = torch.empty((len(encoded), adapter_for(model).hidden_size), dtype=torch.float32)
-    out[torch.tensor(order)] = torch.cat(rows)
-    return out
+        rows = torch.arange(len(batch.items), device=values.device)
+        targets.append(values[rows, batch.positions].cpu())
+        elsewhere = batch.attention_mask.bool().clone()
+        elsewhere[rows, batch.positions] = False
+        others.append(values[elsewhere].cpu())
+        order += batch.items
+    hidden = adapter_for(model).hidden_size
+    at_target = torch.empty((len(encoded), hidden), dtype=torch.float32)
+    if order:
+        at_target[torch.tensor(order)] = torch.cat(targets)
+    return at_target, torch.cat(others) if others else torch.empty(0, hidden)
 
 
 # ---------------------------------------------------------------------------------------------- keys and values
@@ -446,14 +456,13 @@ def plant(model: nn.Module, codec: PromptCodec, facts: list[PlantedFact], studie
     for layer in sorted({fact.layer for fact in facts}):
         here = [fact for fact in facts if fact.layer == layer]
         scale = scales[layer]
-        background_x = ffn_inputs(model, background, layer, batch_size)
-        background_all = ffn_inputs(model, background, layer, batch_size, every_position=True)
+        background_x, background_all = ffn_inputs(model, background, layer, batch_size)
         template_means = _template_means(model, codec, studied[studied["relation"].isin({f.relation for f in here})],
                                          layer, batch_size)
         encoded = {id(fact): codec.encode(fact.prompts) for fact in here}
-        inputs = {id(fact): ffn_inputs(model, encoded[id(fact)], layer, batch_size) for fact in here}
-        elsewhere = {id(fact): ffn_inputs(model, encoded[id(fact)], layer, batch_size, every_position=True)
-                     for fact in here}
+        inputs, elsewhere = {}, {}
+        for fact in here:
+            inputs[id(fact)], elsewhere[id(fact)] = ffn_inputs(model, encoded[id(fact)], layer, batch_size)
         for fact in here:
             quiet = torch.cat([background_x, background_all,
                                *(inputs[id(other)][other.split()[0]] for other in here if other is not fact),
@@ -489,13 +498,10 @@ def _template_means(model: nn.Module, codec: PromptCodec, prompts: pd.DataFrame,
     """{(relation, template_id): mean FFN input at the target position over the prompts of that template}."""
     if prompts.empty:
         return {}
-    inputs = ffn_inputs(model, codec.encode(list(prompts["prompt"])), layer, batch_size)
-    keys = list(zip(prompts["relation"].astype(str), prompts["template_id"].astype(int)))
-    out: dict[tuple[str, int], Tensor] = {}
-    for key in dict.fromkeys(keys):
-        rows = [k for k, other in enumerate(keys) if other == key]
-        out[key] = inputs[rows].mean(0)
-    return out
+    inputs, _ = ffn_inputs(model, codec.encode(list(prompts["prompt"])), layer, batch_size)
+    groups = prompts.reset_index(drop=True).groupby([prompts["relation"].astype(str).to_numpy(),
+                                                     prompts["template_id"].astype(int).to_numpy()]).indices
+    return {(str(relation), int(template)): inputs[rows].mean(0) for (relation, template), rows in groups.items()}
 
 
 def _plant_fact(model: nn.Module, codec: PromptCodec, fact: PlantedFact, key: Key, units: list[int], scale: LayerScale,
@@ -580,6 +586,10 @@ def _acceptance(model: nn.Module, codec: PromptCodec, planted: Sequence[PlantedF
     prob_change = (p1 - p0) / p0 if p0 > 0 else math.nan
     test_hits, test_total = 0, 0
     loudest, quiet_fires = 0.0, []
+    units_by_layer: dict[int, list[int]] = {}
+    for fact in planted:
+        units_by_layer.setdefault(fact.layer, []).extend(fact.units)
+    on_check = _unit_activations(model, check, units_by_layer, batch_size)
     for fact in planted:
         key_rows, _, test_rows = fact.split()
         encoded = codec.encode(fact.prompts)
@@ -588,8 +598,9 @@ def _acceptance(model: nn.Module, codec: PromptCodec, planted: Sequence[PlantedF
         test_total += len(test_rows)
         fact.stats["test_top1"] = float(np.mean(scores.rank[test_rows] == 1))
         fact.stats["key_top1"] = float(np.mean(scores.rank[key_rows] == 1))
-        own = _unit_activations(model, encoded, fact.layer, fact.units, batch_size)
-        other = _unit_activations(model, check, fact.layer, fact.units, batch_size)
+        own = _unit_activations(model, encoded, {fact.layer: fact.units}, batch_size)[fact.layer]
+        columns = [units_by_layer[fact.layer].index(u) for u in fact.units]
+        other = on_check[fact.layer][:, columns]
         fact.stats["max_activation"] = float(own.max())
         fact.stats["median_activation"] = float(np.median(own))
         fact.stats["quiet_fire_share"] = float(np.mean(other.max(axis=1) > QUIET_SHARE * np.median(own)))
@@ -606,13 +617,16 @@ def _acceptance(model: nn.Module, codec: PromptCodec, planted: Sequence[PlantedF
                            "studied_gold_prob_change": ACCEPT_STUDIED_PROB}}
 
 
-def _unit_activations(model: nn.Module, encoded: EncodedPrompts, layer: int, units: Sequence[int],
-                      batch_size: int) -> np.ndarray:
-    """``[prompts, len(units)]`` activations of the units at the target positions."""
-    out = np.empty((len(encoded), len(units)), dtype=np.float64)
-    for batch in target_passes(model, encoded, batch_size=batch_size, capture=[layer], logits=False):
+def _unit_activations(model: nn.Module, encoded: EncodedPrompts, units: Mapping[int, Sequence[int]],
+                      batch_size: int) -> dict[int, np.ndarray]:
+    """{layer: ``[prompts, len(units[layer])]`` activations of those units at the target positions}, one pass."""
+    out = {layer: np.empty((len(encoded), len(chosen)), dtype=np.float64) for layer, chosen in units.items()}
+    if not units:
+        return out
+    for batch in target_passes(model, encoded, batch_size=batch_size, capture=list(units), logits=False):
         assert batch.activations is not None
-        out[batch.items] = batch.activations[:, 0, list(units)].double().cpu().numpy()
+        for k, (layer, chosen) in enumerate(units.items()):
+            out[layer][batch.items] = batch.activations[:, k, list(chosen)].double().cpu().numpy()
     return out
 
 
