@@ -264,10 +264,11 @@ def test_slurm_run_equals_local_run(study: Study) -> None:
 
 
 def test_worker_stays_off_in_slurm_jobs(study: Study) -> None:
-    # Locally every stage job ran in the warm worker, which logs each job's usage; in SLURM jobs
-    # (SLURM_JOB_ID set) kn.worker ran each job cold: no usage line, no server, no socket folder.
+    # Locally every stage job ran in the warm worker, which logs each job's usage (it exits after KN_WORKER_IDLE
+    # seconds idle, so a pause of the loaded machine can start it again); in SLURM jobs (SLURM_JOB_ID set)
+    # kn.worker ran each job cold: no usage line, no server, no socket folder.
     local_stages = Counter(json.loads(line)["stage"] for line in study.usage["local"].read_text().splitlines())
-    assert local_stages.pop("worker_startup") == 1 and local_stages.total() == study.local_jobs.total()
+    assert local_stages.pop("worker_startup") >= 1 and local_stages.total() == study.local_jobs.total()
     assert study.worker_dirs["local"].is_dir()
     assert not study.usage["slurm"].exists() and not study.worker_dirs["slurm"].exists()
 
