@@ -56,6 +56,8 @@ from kn.models.load import load_lm  # noqa: E402
 from kn.models.readout import READOUT_SCALES, embedding_readout_ranks  # noqa: E402
 from kn.localise import ceiling_lines, ceiling_table, localise_relation  # noqa: E402
 from kn.models.training import (  # noqa: E402
+    EVAL_MASK_PROB,
+    EVAL_MAX_TOKENS,
     encode_natural,
     masked_token_accuracy,
     read_heldout_templates,
@@ -139,8 +141,8 @@ def main() -> None:
     all_row = ceiling[ceiling["relation"] == "ALL"].iloc[0]
     specials = tokenizer.all_special_ids
     natural_scores = masked_token_accuracy(
-        model, encode_natural(tokenizer, natural.heldout, recipe.natural_max_tokens),
-        encode_natural(tokenizer, natural.train, recipe.natural_max_tokens), recipe.natural_mask_prob,
+        model, encode_natural(tokenizer, natural.heldout, EVAL_MAX_TOKENS),
+        encode_natural(tokenizer, natural.train, recipe.natural_max_tokens), EVAL_MASK_PROB,
         int(tokenizer.mask_token_id), specials, recipe.seed)
     coverage = study_coverage(tokenizer, sentences, studied, recipe.seed)
     readout = readout_medians(model, codec, prompts, studied)

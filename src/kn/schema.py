@@ -68,10 +68,12 @@ class TrainConfig:
     threads: int  # torch intra-op threads; the weights depend on it in the last bits, so it is part of the recipe
     # Natural text (docs/organism_search.md); the defaults train on templates only, as kn-tiny does.
     natural_ratio: float = 0.0  # Bing sentences per template prompt in each batch (0: none are read)
-    natural_mask_prob: float = 0.15  # BERT masking of a natural sentence's tokens
+    natural_mask_prob: float = 0.15  # masking of a natural sentence's pieces in training (evaluation: 0.15)
     natural_max_tokens: int = 64  # natural sentences are cut to this many pieces ([CLS]/[SEP] included)
     natural_eval_facts: int = 100  # non-studied facts whose sentences are held out to score masked-token accuracy
     mlm_transform_init: str = "random"  # random | identity: the MLM head's dense transform starts as the identity
+    natural_pretrain_steps: int = 0  # web-only masked-LM steps before the template phase (needs natural_ratio > 0)
+    natural_pretrain_lr: Optional[float] = None  # peak LR of those steps (null: lr); warmup then linear decay to 0
 
 
 @dataclass

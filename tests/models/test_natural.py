@@ -17,6 +17,7 @@ import torch
 from kn.data.bing import SENTENCES_FILE, STATS_FILE, load_sentences
 from kn.data.pararel import build_bags
 from kn.models.encoding import PromptCodec
+from kn.models import training
 from kn.models.readout import embedding_readout_ranks
 from kn.models.training import (
     build_model,
@@ -103,6 +104,35 @@ def test_natural_recipe_trains_identical_weights_twice(prompts, sentences):
     assert runs[0].history.step_loss == runs[1].history.step_loss
     without = train_organism(prompts, sorted(set(prompts["object"])), replace(NATURAL, natural_ratio=0.0))
     assert without.history.step_loss != runs[0].history.step_loss  # the web sentences did enter training
+
+
+def test_web_pretraining_reads_training_sentences_only_and_trains_identically_twice(prompts, sentences, monkeypatch):
+    recipe = replace(NATURAL, natural_pretrain_steps=3, natural_pretrain_lr=0.001, natural_mask_prob=0.4)
+    calls: list[tuple[int, set[tuple[int, ...]]]] = []
+    real_loss = training.natural_loss
+
+    def recording_loss(model, head, natural, order, count, *rest):
+        calls.append((count, {tuple(ids) for ids in natural}))
+        return real_loss(model, head, natural, order, count, *rest)
+
+    monkeypatch.setattr(training, "natural_loss", recording_loss)
+    runs = [train_organism(prompts, sorted(set(prompts["object"])), recipe, sentences=sentences, studied_facts=STUDIED)
+            for _ in range(2)]
+    streamed = {tuple(ids) for ids in encode_natural(runs[0].tokenizer, runs[0].natural.train, recipe.natural_max_tokens)}
+    held = sentences.loc[sentences["fact_id"] < STUDIED, "sentence"].tolist() + runs[0].natural.heldout
+    held_ids = {tuple(ids) for ids in encode_natural(runs[0].tokenizer, held, recipe.natural_max_tokens)}
+    per_run = len(calls) // 2
+    assert [count for count, _ in calls[:3]] == [recipe.batch_size] * 3  # web-only steps read a full batch
+    assert [count for count, _ in calls[3:per_run]] == [round(recipe.natural_ratio * recipe.batch_size)] * runs[0].history.steps
+    assert all(source == streamed and not source & held_ids for _, source in calls)
+    assert len(runs[0].history.pretrain_loss) == 3
+    first, second = (run.model.state_dict() for run in runs)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert runs[0].history.pretrain_loss == runs[1].history.pretrain_loss
+    without = train_organism(prompts, sorted(set(prompts["object"])), NATURAL, sentences=sentences, studied_facts=STUDIED)
+    assert without.history.step_loss != runs[0].history.step_loss  # the pretraining changed what the template phase saw
+    with pytest.raises(ValueError, match="natural_pretrain_steps"):
+        train_organism(prompts, sorted(set(prompts["object"])), replace(recipe, natural_ratio=0.0))
 
 
 def test_natural_recipe_needs_sentences(prompts):

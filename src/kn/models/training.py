@@ -257,6 +257,12 @@ def study_coverage(tokenizer: PreTrainedTokenizerBase, sentences: pd.DataFrame, 
             "T3": vocabulary_coverage(tokenizer, sample)}
 
 
+# Every recipe's held-out masked-token accuracy is scored alike, whatever it trained with: BERT's masking
+# rate, sentences cut at 64 pieces.
+EVAL_MASK_PROB = 0.15
+EVAL_MAX_TOKENS = 64
+
+
 def masked_token_accuracy(model: PreTrainedModel, heldout: Sequence[Sequence[int]], train: Sequence[Sequence[int]],
                           prob: float, mask_id: int, special_ids: Sequence[int], seed: int,
                           batch_size: int = 64) -> dict[str, float]:
@@ -422,6 +428,7 @@ class TrainingHistory:
     """Per-step training loss, periodic evaluations, and why training stopped."""
 
     step_loss: list[float] = field(default_factory=list)
+    pretrain_loss: list[float] = field(default_factory=list)  # web-only steps before the template phase
     evaluations: list[dict[str, float]] = field(default_factory=list)
     stop_reason: str = ""
     steps: int = 0
@@ -456,11 +463,16 @@ def train_masked_lm(
     With ``recipe.natural_ratio`` > 0, each step also reads ``natural_ratio * batch_size`` of the
     ``natural`` sentences (token ids; shuffled each pass by their own seeded generator, so the template
     stream is today's) with BERT's masking at ``natural_mask_prob``; their loss is added.
+    ``recipe.natural_pretrain_steps`` web-only steps (``batch_size`` sentences each) come first
+    (:func:`pretrain_on_natural`): the model reads text before it learns facts, as a pretrained LM has.
     """
     adapter = adapter_for(model)
     n_natural = round(recipe.natural_ratio * recipe.batch_size)
     if n_natural > 0 and (not natural or mask_id is None):
         raise ValueError(f"model.train.natural_ratio = {recipe.natural_ratio} needs natural sentences and a masked LM")
+    if recipe.natural_pretrain_steps > 0 and n_natural == 0:
+        raise ValueError(f"model.train.natural_pretrain_steps = {recipe.natural_pretrain_steps} needs "
+                         "model.train.natural_ratio > 0 (the template phase keeps reading the web text)")
     if adapter.causal and recipe.other_mask_prob > 0:
         raise ValueError("model.train.other_mask_prob must be 0 for a causal organism (it has no [MASK] to corrupt with)")
     head = adapter.lm_head()
@@ -479,6 +491,9 @@ def train_masked_lm(
     natural_order: list[int] = []
     start_time = time.perf_counter()
     model.train()
+    if recipe.natural_pretrain_steps > 0:
+        history.pretrain_loss = pretrain_on_natural(model, head, natural, natural_order, recipe, specials, mask_id, pad_id,
+                                                    natural_generator)
     progress = tqdm(total=recipe.max_steps, desc=f"train ({recipe.architecture})", unit="step", mininterval=5.0)
     for step in range(recipe.max_steps):
         if not batches:
@@ -521,6 +536,32 @@ def train_masked_lm(
     history.seconds = time.perf_counter() - start_time
     model.eval()
     return history
+
+
+def pretrain_on_natural(model: PreTrainedModel, head: Callable[[torch.Tensor], torch.Tensor],
+                        natural: Sequence[Sequence[int]], order: list[int], recipe: TrainConfig, specials: torch.Tensor,
+                        mask_id: int, pad_id: int, generator: torch.Generator) -> list[float]:
+    """``recipe.natural_pretrain_steps`` masked-LM steps on ``batch_size`` natural sentences each, with their
+    own AdamW and schedule (warmup, then linear decay to 0 at the last step; peak ``natural_pretrain_lr`` or
+    ``lr``), so the template phase that follows starts its optimiser and schedule as a template-only recipe
+    does. ``order`` and ``generator`` carry on into the template phase's natural stream. Returns the step losses."""
+    steps = recipe.natural_pretrain_steps
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.natural_pretrain_lr or recipe.lr,
+                                  weight_decay=recipe.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, recipe.warmup_steps, steps))
+    losses: list[float] = []
+    for _ in tqdm(range(steps), desc="pretrain (web text)", unit="step", mininterval=5.0):
+        loss = natural_loss(model, head, natural, order, recipe.batch_size, recipe.natural_mask_prob, specials, mask_id,
+                            pad_id, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        if len(losses) % 100 == 0:
+            log.info("pretrain step %d: loss (mean of the last 100) %.4f", len(losses), sum(losses[-100:]) / 100)
+    return losses
 
 
 def natural_loss(model: PreTrainedModel, head: Callable[[torch.Tensor], torch.Tensor], natural: Sequence[Sequence[int]],
@@ -639,8 +680,8 @@ def train_organism(prompts: pd.DataFrame, vocabulary_objects: Iterable[str], rec
     history = train_masked_lm(model, train, recipe, pad_id, mask_id, tokenizer.all_special_ids, evaluate, natural_ids)
     organism = TrainedOrganism(model, tokenizer, heldout, history, len(train), len(held), codec, natural)
     if natural is not None and mask_id is not None:
-        heldout_ids = encode_natural(tokenizer, natural.heldout, recipe.natural_max_tokens)
-        organism.natural_scores = masked_token_accuracy(model, heldout_ids, natural_ids, recipe.natural_mask_prob, mask_id,
+        heldout_ids = encode_natural(tokenizer, natural.heldout, EVAL_MAX_TOKENS)
+        organism.natural_scores = masked_token_accuracy(model, heldout_ids, natural_ids, EVAL_MASK_PROB, mask_id,
                                                         tokenizer.all_special_ids, recipe.seed)
     return organism
 
@@ -735,6 +776,9 @@ def model_card(model_name: str, recipe_yaml: str, recipe: TrainConfig, resources
         "## Training",
         "",
         f"- Parameters: {data['parameters']:,} (tied input/output embeddings counted once).",
+        *([f"- Web-text pretraining: {len(history.pretrain_loss)} masked-LM steps on web sentences only, "
+           f"final running-mean loss (50 steps) {running_mean(history.pretrain_loss, 50)[-1]:.3f}; then the template "
+           "phase below."] if history.pretrain_loss else []),
         f"- Steps: {history.steps}; stopped because {history.stop_reason}.",
         f"- Wall time: {history.seconds / 60:.1f} min on {data['threads']} CPU thread(s) "
         "(shared machine: timing depends on load).",

@@ -99,6 +99,7 @@ def main(args: StageArgs) -> None:
                 "wall_seconds": round(history.seconds, 1),
                 "evaluations": history.evaluations,
                 "step_loss": history.step_loss,
+                "pretrain_loss": history.pretrain_loss,
             },
         },
     )
