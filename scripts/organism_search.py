@@ -24,8 +24,8 @@ One recipe per call, one torch thread, outside the DAG: it trains on the first
 ``--trained DIR`` measures an already trained model of the same recipe instead of training one.
 
 Writes ``<out>/<name>/`` (record.json, ceiling.csv, model/) and appends the record to
-``<out>/records.jsonl``; ``scripts/organism_search_table.py`` turns the records into the table
-docs/organism_search.md shows.
+``<out>/records.jsonl``; the tables of docs/organism_search.md are read from these records (kept
+under docs/organism_search/).
 """
 
 from __future__ import annotations

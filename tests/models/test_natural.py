@@ -66,6 +66,23 @@ def test_training_stream_holds_no_studied_sentence(prompts, sentences):
     assert not streamed & {tuple(ids) for ids in encode_natural(organism.tokenizer, held, NATURAL.natural_max_tokens)}
     scores = organism.natural_scores
     assert scores["masked_tokens"] > 0 and 0 <= scores["masked_accuracy"] <= 1 and 0 < scores["unigram_baseline"] < 1
+    assert scores["masked_perplexity"] > 1
+
+
+def test_masked_perplexity_is_the_mean_nll_of_every_masked_piece(prompts, sentences):
+    organism = train_organism(prompts, sorted(set(prompts["object"])), NATURAL, sentences=sentences, studied_facts=STUDIED)
+    model, tokenizer = organism.model, organism.tokenizer
+    sentence = encode_natural(tokenizer, organism.natural.heldout[:1], 32)[0]
+    scores = training.masked_token_accuracy(model, [sentence], [sentence], 1.0, tokenizer.mask_token_id,
+                                            tokenizer.all_special_ids, seed=0)
+    ids = torch.tensor([sentence])
+    inner = torch.tensor([t not in tokenizer.all_special_ids for t in sentence])
+    with torch.no_grad():
+        logits = model(input_ids=ids.masked_fill(inner, tokenizer.mask_token_id)).logits[0, inner]
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, inner])
+    assert scores["masked_tokens"] == int(inner.sum())
+    assert scores["masked_perplexity"] == pytest.approx(float(torch.exp(nll)), rel=1e-5)
+    assert scores["masked_accuracy"] == pytest.approx(float((logits.argmax(-1) == ids[0, inner]).float().mean()))
 
 
 def _vocabulary_digest(prompts: pd.DataFrame, texts: list[str]) -> str:

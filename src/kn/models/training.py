@@ -267,7 +267,8 @@ def masked_token_accuracy(model: PreTrainedModel, heldout: Sequence[Sequence[int
                           prob: float, mask_id: int, special_ids: Sequence[int], seed: int,
                           batch_size: int = 64) -> dict[str, float]:
     """Top-1 accuracy at ``prob`` of the non-special pieces of ``heldout`` sentences, each replaced by [MASK]
-    (seeded), and the unigram-frequency baseline: always answering the most frequent piece of ``train``."""
+    (seeded), the unigram-frequency baseline (always answering the most frequent piece of ``train``) and the
+    masked pieces' perplexity, exp(mean NLL) (natural text's counterpart of the templates' PPL)."""
     specials = set(int(i) for i in special_ids)
     counts = np.bincount([t for seq in train for t in seq if t not in specials], minlength=model.config.vocab_size)
     mode = int(counts.argmax())
@@ -276,6 +277,7 @@ def masked_token_accuracy(model: PreTrainedModel, heldout: Sequence[Sequence[int
     was_training = model.training
     model.eval()
     correct = unigram = total = 0
+    nll = 0.0
     for start in range(0, len(heldout), batch_size):
         ids, attention = pad_sequences([list(seq) for seq in heldout[start : start + batch_size]],
                                        int(model.config.pad_token_id))
@@ -285,14 +287,16 @@ def masked_token_accuracy(model: PreTrainedModel, heldout: Sequence[Sequence[int
             continue
         with torch.no_grad():
             hidden = model.base_model(input_ids=ids.masked_fill(chosen, mask_id), attention_mask=attention).last_hidden_state
-            predicted = head(hidden[chosen]).argmax(-1)
+            logits = head(hidden[chosen])
         gold = ids[chosen]
+        predicted = logits.argmax(-1)
+        nll += float(F.cross_entropy(logits, gold, reduction="sum"))
         correct += int((predicted == gold).sum())
         unigram += int((gold == mode).sum())
         total += int(chosen.sum())
     model.train(was_training)
     return {"masked_accuracy": correct / max(1, total), "unigram_baseline": unigram / max(1, total),
-            "masked_tokens": total}
+            "masked_perplexity": float(np.exp(nll / total)) if total else float("nan"), "masked_tokens": total}
 
 
 def build_model(recipe: TrainConfig, vocab_size: int, pad_id: int, bos_id: int | None = None,
@@ -718,7 +722,7 @@ def natural_card_lines(organism: TrainedOrganism, data: dict) -> list[str]:
         "nor any sentence text they share. The vocabulary was learned from the filled prompts and these sentences.",
         f"- Held out: {len(natural.heldout)} sentences of {natural.heldout_facts} other facts (seeded draw): masked-token "
         f"accuracy **{_pct(scores['masked_accuracy'])}** on {scores['masked_tokens']} masked pieces; unigram-frequency "
-        f"baseline {_pct(scores['unigram_baseline'])}.",
+        f"baseline {_pct(scores['unigram_baseline'])}; masked-piece perplexity {scores['masked_perplexity']:.1f}.",
     ]
     if coverage:
         lines.append("- Unknown pieces in the studied facts' web sentences: " + ", ".join(
