@@ -281,10 +281,42 @@ def test_means_pool_fact_neuron_values_then_average_relations() -> None:
     got = per_relation.set_index(["relation", "method"]).loc[("P1", "ig")]
     assert got["n_values"] == 3 and got["n_facts"] == 2  # fact 0 weighs twice: it has two KNs
     assert got["T1"] == pytest.approx(p1_ig["T1"].sum() / 3)
-    overall = overall_means(per_relation).set_index("method")
+    overall = overall_means(per_fact).set_index("method")
     p2_t2 = per_relation.set_index(["relation", "method"]).loc[("P2", "ig"), "T2"]
     assert overall.loc["ig", "T2"] == pytest.approx((got["T2"] + p2_t2) / 2)  # unweighted over relations
     assert overall.loc["base", "n_relations"] == 1
+    assert overall.loc["ig", "n_facts"] == per_relation.loc[per_relation["method"] == "ig", "n_facts"].sum()
+    assert overall[["T1_ci_low", "T3_ci_high"]].isna().all().all()  # no resamples, no intervals
+
+
+def test_overall_intervals_resample_facts_within_each_relation() -> None:
+    """The vectorised intervals equal a plain loop that redraws each relation's facts with the same
+    generator, pools the drawn facts' (fact, neuron) values and averages the relations."""
+    activations = _activation_rows()
+    per_fact = fact_means(activations, _sentence_rows(activations))
+    resamples, seed = 200, 7
+    overall = overall_means(per_fact, resamples, seed).set_index("method")
+    rng = np.random.default_rng(seed)
+    draws = {}
+    for relation, rel in per_fact.groupby("relation", sort=True):
+        facts = np.sort(rel["fact_id"].unique())
+        draws[relation] = (facts, rng.integers(0, len(facts), size=(resamples, len(facts))))
+    for method in ("ig", "base"):
+        for kind in TYPES:
+            means = []
+            for b in range(resamples):
+                relation_values = []
+                for relation, (facts, idx) in draws.items():
+                    rows = per_fact[(per_fact["relation"] == relation) & (per_fact["method"] == method)]
+                    if rows.empty:
+                        continue
+                    pooled = [v for f in facts[idx[b]] for v in rows.loc[rows["fact_id"] == f, kind]]
+                    relation_values.append(np.mean(pooled) if pooled else np.nan)
+                means.append(np.nanmean(relation_values))
+            low, high = np.percentile(np.array(means)[np.isfinite(means)], [2.5, 97.5])
+            assert overall.loc[method, f"{kind}_ci_low"] == pytest.approx(low)
+            assert overall.loc[method, f"{kind}_ci_high"] == pytest.approx(high)
+            assert low <= overall.loc[method, kind] <= high
 
 
 def test_fact_means_drop_facts_missing_a_type() -> None:

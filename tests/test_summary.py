@@ -29,8 +29,10 @@ def _run() -> RunResults:
         columns=["relation", "ppl_before", "ppl_after", "ppl_change", "other_ppl_before", "other_ppl_after", "other_ppl_change"],
     )
     distant = pd.DataFrame(
-        [("all", "ig", 0.5, 0.25, -0.125), ("all", "base", 0.1, 0.2, 0.3), ("usable", "ig", 9.0, 9.0, 9.0)],
-        columns=["subset", "method", "T1", "T2", "T3"],
+        [("all", "ig", 0.5, 0.25, -0.125, 0.4, 0.6, 0.2, 0.3, -0.25, 0.0), ("all", "base", 0.1, 0.2, 0.3, *[0.0] * 6),
+         ("usable", "ig", 9.0, 9.0, 9.0, *[9.0] * 6)],
+        columns=["subset", "method", "T1", "T2", "T3", "T1_ci_low", "T1_ci_high", "T2_ci_low", "T2_ci_high",
+                 "T3_ci_low", "T3_ci_high"],
     )
     kn_stats = {
         "methods": {
@@ -65,7 +67,8 @@ def test_paper_vs_run_reads_the_headline_rows() -> None:
     assert table.loc["Suppress (×0): Δ correct probability", "this_run"] == "-25.00% [-30.00%, -20.00%]"
     assert table.loc["Suppress (×0): Δ correct probability", "this_run_baseline"] == "-1.00% [-2.00%, +0.00%]"
     assert table.loc["Amplify (×2): Δ correct probability", "this_run_baseline"] == "n/a"  # no base row
-    assert table.loc["BingRel mean KN activation, T1 / T2 / T3", "this_run"] == "0.500 / 0.250 / -0.125"
+    assert table.loc["BingRel mean KN activation, T1 / T2 / T3", "this_run"] == (
+        "0.500 [0.400, 0.600] / 0.250 [0.200, 0.300] / -0.125 [-0.250, 0.000]")
     assert table.loc["Update: change rate / success rate", "this_run"] == "50.0% / 25.0% (20 edits)"
     assert table.loc["Update: change rate / success rate", "this_run_baseline"] == "random: 5.0% / 0.0% (20 edits)"
     assert table.loc["Update: ΔPPL intra / inter", "this_run"] == "3.0 / 1.5 (20 edits)"

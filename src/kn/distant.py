@@ -34,12 +34,14 @@ from __future__ import annotations
 import logging
 import random
 import re
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pandas as pd
 
+from kn.interventions import bootstrap_counts, percentile_ci, ratio_of_averages
 from kn.markdown import format_cell, markdown_table
 from kn.tables import DISTANT_ACTIVATIONS, DISTANT_FACTS, DISTANT_SENTENCES, Neuron
 
@@ -392,13 +394,52 @@ def relation_means(per_fact: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()[["relation", "method", "n_facts", "n_values", *TYPES]]
 
 
-def overall_means(per_relation: pd.DataFrame) -> pd.DataFrame:
-    """Per method: the unweighted mean over relations of the per-relation means (SPEC §6)."""
-    grouped = per_relation.groupby("method", sort=True)
-    out = grouped[list(TYPES)].mean()
-    out["n_relations"] = grouped.size()
-    out["n_facts"] = grouped["n_facts"].sum()
-    return out.reset_index()[["method", "n_relations", "n_facts", *TYPES]]
+OVERALL_COLUMNS = ["method", "n_relations", "n_facts", *TYPES,
+                   *(f"{kind}_{bound}" for kind in TYPES for bound in ("ci_low", "ci_high"))]
+
+
+def overall_means(per_fact: pd.DataFrame, resamples: int = 0, seed: int = 0) -> pd.DataFrame:
+    """Per method: the unweighted mean over relations of the relation means (SPEC §6: every pooled
+    (fact, neuron) value of a relation weighs alike), with 95% percentile bootstrap intervals over facts.
+
+    A relation's mean is sum(values) / count(values) over its facts, so a resample reweights each
+    fact's sum and count. One resampling per relation (relations sorted, ``np.random.default_rng(seed)``)
+    is shared by both methods and the three sentence types, so their comparisons are paired; the
+    overall interval averages the resampled relation means. ``resamples=0``: no intervals (NaN).
+    """
+    rng = np.random.default_rng(seed)
+    points: dict[str, dict[str, list[float]]] = {}
+    samples: dict[str, dict[str, list[np.ndarray]]] = {}
+    n_facts: dict[str, int] = {}
+    for _, rel in per_fact.groupby("relation", sort=True):
+        facts = np.sort(rel["fact_id"].unique())
+        counts = bootstrap_counts(len(facts), resamples, rng) if resamples > 0 else None
+        for method, group in rel.groupby("method", sort=True):
+            by_fact = group.groupby("fact_id", sort=True)
+            positions = np.searchsorted(facts, np.asarray(list(by_fact.groups)))
+            values = np.zeros(len(facts))
+            values[positions] = by_fact.size().to_numpy(np.float64)
+            n_facts[method] = n_facts.get(method, 0) + len(positions)
+            sums = by_fact[list(TYPES)].sum()
+            for kind in TYPES:
+                total = np.zeros(len(facts))
+                total[positions] = sums[kind].to_numpy(np.float64)
+                points.setdefault(method, {}).setdefault(kind, []).append(float(ratio_of_averages(total, values)))
+                if counts is not None:
+                    samples.setdefault(method, {}).setdefault(kind, []).append(ratio_of_averages(total, values, counts))
+    rows = []
+    for method in sorted(points):
+        row: dict[str, object] = {"method": method, "n_relations": len(points[method][TYPES[0]]),
+                                  "n_facts": n_facts[method]}
+        for kind in TYPES:
+            with warnings.catch_warnings():  # a resample that drew none of a method's facts anywhere: NaN, left out
+                warnings.simplefilter("ignore", RuntimeWarning)
+                row[kind] = float(np.nanmean(points[method][kind]))
+                resampled = np.nanmean(np.stack(samples[method][kind]), axis=0) if samples else None
+            low, high = percentile_ci(resampled) if resampled is not None else (float("nan"), float("nan"))
+            row[f"{kind}_ci_low"], row[f"{kind}_ci_high"] = low, high
+        rows.append(row)
+    return pd.DataFrame(rows, columns=OVERALL_COLUMNS)
 
 
 def trigger_ranking(activations: pd.DataFrame, method: str = "ig") -> pd.DataFrame:
@@ -451,17 +492,18 @@ def usability_table(facts: pd.DataFrame, sentences: pd.DataFrame, max_unk_share:
 SUBSETS = ("all", "usable")
 
 
-def summarize_relations(facts: pd.DataFrame, sentences: pd.DataFrame, activations: pd.DataFrame, max_unk_share: float
-                        ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(per-fact means, per-relation means, overall means, usability) for both sentence subsets (SPEC §6)."""
+def summarize_relations(facts: pd.DataFrame, sentences: pd.DataFrame, activations: pd.DataFrame, max_unk_share: float,
+                        resamples: int = 0, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(per-fact means, per-relation means, overall means with ``resamples`` bootstrap intervals, usability)
+    for both sentence subsets (SPEC §6)."""
     per_fact = subset_means(facts, sentences, activations, max_unk_share)
     by_relation = pd.concat(
         [relation_means(per_fact[per_fact["subset"] == name]).assign(subset=name) for name in SUBSETS], ignore_index=True
     )[["subset", "relation", "method", "n_facts", "n_values", *TYPES]]
     overall = pd.concat(
-        [overall_means(by_relation[by_relation["subset"] == name]).assign(subset=name) for name in SUBSETS],
+        [overall_means(per_fact[per_fact["subset"] == name], resamples, seed).assign(subset=name) for name in SUBSETS],
         ignore_index=True,
-    )[["subset", "method", "n_relations", "n_facts", *TYPES]]
+    )[["subset", *OVERALL_COLUMNS]]
     return per_fact, by_relation, overall, usability_table(facts, sentences, max_unk_share)
 
 
@@ -495,7 +537,9 @@ def summary_markdown(overall: pd.DataFrame, by_relation: pd.DataFrame, usability
             "# Activating prompts on web sentences (SPEC §6)",
             "",
             f"Model `{model_name}`; mean activation of each fact's knowledge neurons at [MASK]; {types}. "
-            "Per relation: mean over every pooled (fact, neuron) value; overall: unweighted mean over relations. "
+            "Per relation: mean over every pooled (fact, neuron) value; overall: unweighted mean over relations, "
+            "with 95% percentile bootstrap intervals over facts (one resampling per relation, paired across methods "
+            "and types). "
             f"Sentences cut to {max_len} positions (distant.max_len {configured_max_len}, capped by the model). "
             "Subset `all`: every sentence whose [MASK] the model reads (the authors' procedure); `usable`: at most "
             f"{max_unk_share:.0%} unknown pieces and, for T1, a tail that is one known token. "

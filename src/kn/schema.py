@@ -181,6 +181,7 @@ class DistantConfig:
     trigger_relations: list[str]
     trigger_lines: int
     batch_size: int
+    bootstrap: int  # resamples (over facts) for the 95% intervals of the overall T1 / T2 / T3 means
     max_unk_share: float = fraction()
 
 

@@ -238,13 +238,14 @@ def verdict_lines(cfg: Any, run: RunResults) -> list[str]:
 
 
 def _distant(run: RunResults, _p: PaperNumber) -> tuple[str, str, str]:
-    source = "distant/activation_overall.csv (all readable sentences)"
+    source = "distant/activation_overall.csv (all readable sentences; 95% CIs over facts)"
     if run.distant is None:
         return NOT_RUN, NOT_RUN, source
     cells = []
     for method in ("ig", "base"):
         row = _one(run.distant, subset="all", method=method)
-        cells.append("n/a" if row is None else " / ".join(_num(row[t]) for t in ("T1", "T2", "T3")))
+        cells.append("n/a" if row is None else " / ".join(
+            f"{_num(row[t])} [{_num(row[f'{t}_ci_low'])}, {_num(row[f'{t}_ci_high'])}]" for t in ("T1", "T2", "T3")))
     return cells[0], cells[1], source
 
 

@@ -33,7 +33,8 @@ def main(args: StageArgs) -> None:
     sentences = concat(DISTANT_SENTENCES.read(p, rel) for rel, p in args.keyed_inputs("sentences").items())
     activations = concat(DISTANT_ACTIVATIONS.read(p, rel) for rel, p in args.keyed_inputs("activations").items())
     per_fact, by_relation, overall, usability = summarize_relations(facts, sentences, activations,
-                                                                    float(cfg.distant.max_unk_share))
+                                                                    float(cfg.distant.max_unk_share),
+                                                                    int(cfg.distant.bootstrap), int(cfg.seed))
     max_len = int(sentences["max_len"].max()) if len(sentences) else int(cfg.distant.max_len)
     for record in overall.to_dict("records"):
         log.info("%s %s: T1 %.4f, T2 %.4f, T3 %.4f over %d relations", record["subset"], record["method"],

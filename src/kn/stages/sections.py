@@ -34,7 +34,7 @@ SECTIONS: dict[str, Optional[tuple[str, ...]]] = {
     "edit_erase": (*MODEL_STAGE, "study", "erase"),
     "distant": (*MODEL_STAGE, "study", "distant.max_len", "distant.max_mask_word", "distant.head_redraws",
                 "distant.batch_size"),
-    "distant_summary": ("seed", "model.name", "distant.max_len", "distant.max_unk_share"),
+    "distant_summary": ("seed", "model.name", "distant.max_len", "distant.max_unk_share", "distant.bootstrap"),
     "distant_triggers": ("seed", "distant.trigger_lines"),
     "plant_facts": (*MODEL_STAGE, "study", "data.resources_dir", "data.max_facts_per_relation", "controls"),
     "controls_summary": (*MODEL_STAGE, "study", "controls.batch_size", "evaluate.suppress_factor",
