@@ -14,8 +14,9 @@ One recipe per call, one torch thread, outside the DAG: it trains on the first
   (unweighted means over relations, kn.probe) on the first 60 facts of each relation;
 - localisation (kn.localise, as the ``localise`` stage): every studied fact (``study.facts_per_relation``),
   all its templates, each sublayer output zeroed; the ALL row of the ceilings.
-- natural text: masked-token accuracy on held-out web sentences (kn.models.training.split_natural's
-  evaluation facts, never studied ones) against the unigram-frequency baseline, and the share of
+- natural text: masked-token accuracy and masked-piece perplexity on held-out web sentences
+  (kn.models.training.split_natural's evaluation facts, never studied ones) and on the studied facts'
+  own web sentences (never trained either), against the unigram-frequency baseline, and the share of
   [UNK] pieces / split words in the study's T1, T2 and T3 sentences;
 - embedding readout (kn.models.readout): on the studied facts' prompts, the median rank of another
   studied object t of the relation after adding e(t) to the final hidden state at [MASK] at 1x/4x/16x
@@ -140,9 +141,15 @@ def main() -> None:
     ceiling.to_csv(out / "ceiling.csv", index=False, float_format="%.6g")
     all_row = ceiling[ceiling["relation"] == "ALL"].iloc[0]
     specials = tokenizer.all_special_ids
+    train_ids = encode_natural(tokenizer, natural.train, recipe.natural_max_tokens)
     natural_scores = masked_token_accuracy(
-        model, encode_natural(tokenizer, natural.heldout, EVAL_MAX_TOKENS),
-        encode_natural(tokenizer, natural.train, recipe.natural_max_tokens), EVAL_MASK_PROB,
+        model, encode_natural(tokenizer, natural.heldout, EVAL_MAX_TOKENS), train_ids, EVAL_MASK_PROB,
+        int(tokenizer.mask_token_id), specials, recipe.seed)
+    # A second unseen set: the studied facts' own web sentences (the §6 study's T1 / T2), which no recipe
+    # trains on and no recipe choice was read from.
+    studied_texts = sorted(set(sentences.loc[sentences["fact_id"] < studied, "sentence"].astype(str)))
+    studied_scores = masked_token_accuracy(
+        model, encode_natural(tokenizer, studied_texts, EVAL_MAX_TOKENS), train_ids, EVAL_MASK_PROB,
         int(tokenizer.mask_token_id), specials, recipe.seed)
     coverage = study_coverage(tokenizer, sentences, studied, recipe.seed)
     readout = readout_medians(model, codec, prompts, studied)
@@ -159,7 +166,8 @@ def main() -> None:
                          **ceiling_lines(ceiling),
                          "ffn_mask_all_ci": [float(all_row["ffn_mask_all_ci_low"]), float(all_row["ffn_mask_all_ci_high"])]},
         "natural": {"train_sentences": len(natural.train), "heldout_sentences": len(natural.heldout),
-                    "heldout_facts": natural.heldout_facts, **natural_scores, "coverage": coverage},
+                    "heldout_facts": natural.heldout_facts, **natural_scores, "coverage": coverage,
+                    "studied_sentences": {"sentences": len(studied_texts), **studied_scores}},
         "readout": readout,
         "machine": {"cpu": host["cpu_model"], "matmul_gflops_1_thread": host["matmul_gflops_1_thread"],
                     "torch_threads": torch.get_num_threads()},
@@ -172,7 +180,8 @@ def main() -> None:
           f"held-out {overall['heldout_accuracy']:.3f}, majority {overall['majority_baseline']:.3f}; ffn_mask_all "
           f"{loc['ffn_mask_all']:+.3f} {loc['ffn_mask_all_ci']}, ffn_all_positions {loc['ffn_all_positions']:+.3f}, "
           f"attn_mask_all {loc['attn_mask_all']:+.3f}; natural masked acc {natural_scores['masked_accuracy']:.3f} "
-          f"(unigram {natural_scores['unigram_baseline']:.3f}); readout median rank x1/x4/x16 "
+          f"(unigram {natural_scores['unigram_baseline']:.3f}; studied facts' sentences "
+          f"{studied_scores['masked_accuracy']:.3f} / {studied_scores['unigram_baseline']:.3f}); readout median rank x1/x4/x16 "
           f"{readout['median_rank_x1']:g}/{readout['median_rank_x4']:g}/{readout['median_rank_x16']:g}; "
           f"T1/T2/T3 unk {[round(coverage[t]['unk_piece_share'], 4) for t in ('T1', 'T2', 'T3')]}", flush=True)
 
