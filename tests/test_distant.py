@@ -291,7 +291,8 @@ def test_means_pool_fact_neuron_values_then_average_relations() -> None:
 
 def test_overall_intervals_resample_facts_within_each_relation() -> None:
     """The vectorised intervals equal a plain loop that redraws each relation's facts with the same
-    generator, pools the drawn facts' (fact, neuron) values and averages the relations."""
+    generator, pools the drawn facts' (fact, neuron) values and averages the relations; the paired
+    contrasts (T1 - T2, T1 - T3) come from the same draws."""
     activations = _activation_rows()
     per_fact = fact_means(activations, _sentence_rows(activations))
     resamples, seed = 200, 7
@@ -302,21 +303,31 @@ def test_overall_intervals_resample_facts_within_each_relation() -> None:
         facts = np.sort(rel["fact_id"].unique())
         draws[relation] = (facts, rng.integers(0, len(facts), size=(resamples, len(facts))))
     for method in ("ig", "base"):
-        for kind in TYPES:
-            means = []
-            for b in range(resamples):
-                relation_values = []
-                for relation, (facts, idx) in draws.items():
-                    rows = per_fact[(per_fact["relation"] == relation) & (per_fact["method"] == method)]
-                    if rows.empty:
-                        continue
+        means = {kind: [] for kind in TYPES}  # per resample: the mean over relations
+        for b in range(resamples):
+            relation_values = {kind: [] for kind in TYPES}
+            for relation, (facts, idx) in draws.items():
+                rows = per_fact[(per_fact["relation"] == relation) & (per_fact["method"] == method)]
+                if rows.empty:
+                    continue
+                for kind in TYPES:
                     pooled = [v for f in facts[idx[b]] for v in rows.loc[rows["fact_id"] == f, kind]]
-                    relation_values.append(np.mean(pooled) if pooled else np.nan)
-                means.append(np.nanmean(relation_values))
-            low, high = np.percentile(np.array(means)[np.isfinite(means)], [2.5, 97.5])
-            assert overall.loc[method, f"{kind}_ci_low"] == pytest.approx(low)
-            assert overall.loc[method, f"{kind}_ci_high"] == pytest.approx(high)
-            assert low <= overall.loc[method, kind] <= high
+                    relation_values[kind].append(np.mean(pooled) if pooled else np.nan)
+            for kind in TYPES:
+                means[kind].append(np.array(relation_values[kind]))
+        measures = {kind: np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in means[kind]])
+                    for kind in TYPES}
+        for first, second in (("T1", "T2"), ("T1", "T3")):
+            measures[f"{first}_minus_{second}"] = np.array(
+                [np.nanmean(a - c) if np.isfinite(a - c).any() else np.nan for a, c in zip(means[first], means[second])])
+        for name, values in measures.items():
+            low, high = np.percentile(values[np.isfinite(values)], [2.5, 97.5])
+            assert overall.loc[method, f"{name}_ci_low"] == pytest.approx(low)
+            assert overall.loc[method, f"{name}_ci_high"] == pytest.approx(high)
+            assert low <= overall.loc[method, name] <= high
+    by_relation = relation_means(per_fact).set_index(["relation", "method"])
+    difference = [by_relation.loc[(rel, "ig"), "T1"] - by_relation.loc[(rel, "ig"), "T3"] for rel in ("P1", "P2")]
+    assert overall.loc["ig", "T1_minus_T3"] == pytest.approx(np.mean(difference))
 
 
 def test_fact_means_drop_facts_missing_a_type() -> None:

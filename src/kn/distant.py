@@ -394,8 +394,12 @@ def relation_means(per_fact: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()[["relation", "method", "n_facts", "n_values", *TYPES]]
 
 
+# The paper's claim is T1 > T2 and T1 > T3: their paired differences carry intervals too.
+CONTRASTS = (("T1", "T2"), ("T1", "T3"))
+_MEASURES = [*TYPES, *(f"{a}_minus_{b}" for a, b in CONTRASTS)]
 OVERALL_COLUMNS = ["method", "n_relations", "n_facts", *TYPES,
-                   *(f"{kind}_{bound}" for kind in TYPES for bound in ("ci_low", "ci_high"))]
+                   *(f"{kind}_{bound}" for kind in TYPES for bound in ("ci_low", "ci_high")),
+                   *(f"{name}{suffix}" for name in _MEASURES[len(TYPES):] for suffix in ("", "_ci_low", "_ci_high"))]
 
 
 def overall_means(per_fact: pd.DataFrame, resamples: int = 0, seed: int = 0) -> pd.DataFrame:
@@ -431,13 +435,20 @@ def overall_means(per_fact: pd.DataFrame, resamples: int = 0, seed: int = 0) -> 
     for method in sorted(points):
         row: dict[str, object] = {"method": method, "n_relations": len(points[method][TYPES[0]]),
                                   "n_facts": n_facts[method]}
-        for kind in TYPES:
+        relation_points = {kind: np.asarray(points[method][kind]) for kind in TYPES}
+        relation_samples = {kind: np.stack(samples[method][kind]) for kind in TYPES} if samples else {}
+        for first, second in CONTRASTS:
+            name = f"{first}_minus_{second}"
+            relation_points[name] = relation_points[first] - relation_points[second]
+            if relation_samples:
+                relation_samples[name] = relation_samples[first] - relation_samples[second]
+        for name in _MEASURES:
             with warnings.catch_warnings():  # a resample that drew none of a method's facts anywhere: NaN, left out
                 warnings.simplefilter("ignore", RuntimeWarning)
-                row[kind] = float(np.nanmean(points[method][kind]))
-                resampled = np.nanmean(np.stack(samples[method][kind]), axis=0) if samples else None
+                row[name] = float(np.nanmean(relation_points[name]))
+                resampled = np.nanmean(relation_samples[name], axis=0) if relation_samples else None
             low, high = percentile_ci(resampled) if resampled is not None else (float("nan"), float("nan"))
-            row[f"{kind}_ci_low"], row[f"{kind}_ci_high"] = low, high
+            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = low, high
         rows.append(row)
     return pd.DataFrame(rows, columns=OVERALL_COLUMNS)
 
@@ -539,7 +550,8 @@ def summary_markdown(overall: pd.DataFrame, by_relation: pd.DataFrame, usability
             f"Model `{model_name}`; mean activation of each fact's knowledge neurons at [MASK]; {types}. "
             "Per relation: mean over every pooled (fact, neuron) value; overall: unweighted mean over relations, "
             "with 95% percentile bootstrap intervals over facts (one resampling per relation, paired across methods "
-            "and types). "
+            "and types); T1_minus_T2 and T1_minus_T3 are the paired differences the paper's claim (T1 above both) "
+            "rests on. "
             f"Sentences cut to {max_len} positions (distant.max_len {configured_max_len}, capped by the model). "
             "Subset `all`: every sentence whose [MASK] the model reads (the authors' procedure); `usable`: at most "
             f"{max_unk_share:.0%} unknown pieces and, for T1, a tail that is one known token. "

@@ -186,7 +186,8 @@ DISTANT_ACTIVATIONS = Table("web-sentence activations", "distant", _schema(
     ("type", _S), ("sentence_idx", _I32), ("activation", _F32)))
 DISTANT_OVERALL = CsvTable("web-sentence activation overall", "distant_summary",
                            ("subset", "method", "n_relations", "n_facts", "T1", "T2", "T3", "T1_ci_low", "T1_ci_high",
-                            "T2_ci_low", "T2_ci_high", "T3_ci_low", "T3_ci_high"))
+                            "T2_ci_low", "T2_ci_high", "T3_ci_low", "T3_ci_high", "T1_minus_T2", "T1_minus_T2_ci_low",
+                            "T1_minus_T2_ci_high", "T1_minus_T3", "T1_minus_T3_ci_low", "T1_minus_T3_ci_high"))
 
 
 # ---------------------------------------------------------------------------------------------- studied facts
