@@ -24,7 +24,11 @@ def _write_results(root: Path) -> dict[str, Path]:
     }
     paths["data_stats"].write_text(json.dumps({"totals": {"relations": 1, "facts": 4, "prompts": 20}}))
     paths["kn_stats"].write_text(json.dumps({"methods": {m: {"avg_kn_per_fact": 2.5, "intra_shared": 1.0, "inter_shared": None, "n_facts": 4} for m in ("ig", "base")}, "layer_share": {"ig": [0.25, 0.75]}}))
-    pd.DataFrame([("all", "ig", 1, 4, 0.75, 0.5, 0.25)], columns=["subset", "method", "n_relations", "n_facts", "T1", "T2", "T3"]).to_csv(paths["distant"], index=False)
+    distant = {"subset": "all", "method": "ig", "n_relations": 1, "n_facts": 4, "T1": 0.75, "T2": 0.5, "T3": 0.25,
+               "T1_minus_T2": 0.25, "T1_minus_T3": 0.5}
+    for name in ("T1", "T2", "T3", "T1_minus_T2", "T1_minus_T3"):
+        distant[f"{name}_ci_low"], distant[f"{name}_ci_high"] = distant[name] - 0.125, distant[name] + 0.125
+    pd.DataFrame([distant]).to_csv(paths["distant"], index=False)
     paths["model_card"].write_text("# Model card: tiny\n\nA tiny model.\n")
     paths["job:attribute/P1/000"].parent.mkdir(parents=True)
     paths["job:attribute/P1/000"].write_text("s\th:m:s\tmax_rss\tcpu_time\n6.0\t0:00:06\t812.4\t5.5\n")
@@ -45,7 +49,8 @@ def test_summary_writes_table_markdown_and_html(tmp_path: Path) -> None:
     _run(paths, tmp_path / "out")
     table = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("experiment")
     assert len(table) == len(PAPER_NUMBERS)
-    assert table.loc["BingRel mean KN activation, T1 / T2 / T3", "this_run"] == "0.750 / 0.500 / 0.250"
+    assert table.loc["BingRel mean KN activation, T1 / T2 / T3", "this_run"] == (
+        "0.750 [0.625, 0.875] / 0.500 [0.375, 0.625] / 0.250 [0.125, 0.375]")
     assert table.loc["Time to identify one fact's KNs", "this_run"].startswith("1.50 s")  # 6 s / 4 studied facts
     assert table.loc["Suppress (×0): Δ correct probability", "this_run"] == "not run"  # file given but never written
     markdown = (tmp_path / "out" / "summary.md").read_text()
