@@ -6,7 +6,8 @@
 Snakemake runs from the repository root with ``results_dir`` pointed at a separate folder,
 so ``results/`` is never touched. Per-stage numbers come from the ``benchmark:`` file of
 every job (``<results_dir>/benchmarks/**.tsv``), attributed to its rule through the job
-listing Snakemake prints, and summed per rule; the total is the wall time of the whole
+listing Snakemake prints, and summed per rule (the positive control's nested study keeps its jobs' records
+under ``<model>/controls/benchmarks/``: one row); the total is the wall time of the whole
 ``snakemake`` call (which includes Snakefile parsing and scheduling). Those files hold each job's own
 CPU seconds and peak RSS, whether it ran through the stage worker or cold (kn.jobrecord), so they are
 the records ``snakemake --report`` users read too. Parallel efficiency is the summed job CPU /
@@ -75,11 +76,21 @@ def read_usage(path: Path) -> list[dict]:
     return records
 
 
+# The positive control's nested study (rule planted_study) is this workflow run into <model>/controls/: its jobs
+# keep their own records there, which the outer log does not list; they count as one row.
+NESTED_BENCHMARKS = "*/controls/benchmarks"
+NESTED_RULE = "planted_study: its nested jobs"
+
+
 def summarise(results_dir: Path, log_text: str) -> list[RuleUsage]:
-    """Per-rule sums over every ``<results_dir>/benchmarks/**.tsv``, slowest rule first."""
+    """Per-rule sums over every ``<results_dir>/benchmarks/**.tsv`` and, as one row, the nested planted
+    study's job records (``<results_dir>/<model>/controls/benchmarks/**.tsv``), slowest rule first."""
     rules = benchmark_rules(log_text)
-    return per_rule((rules.get(str(path.resolve()), "unattributed"), read_benchmark(path))
-                    for path in sorted((results_dir / "benchmarks").rglob("*.tsv")))
+    records = [(rules.get(str(path.resolve()), "unattributed"), read_benchmark(path))
+               for path in sorted((results_dir / "benchmarks").rglob("*.tsv"))]
+    for nested in sorted(results_dir.glob(NESTED_BENCHMARKS)):
+        records += [(NESTED_RULE, read_benchmark(path)) for path in sorted(nested.rglob("*.tsv"))]
+    return per_rule(records)
 
 
 class LoadSampler:

@@ -46,6 +46,17 @@ def test_summarise_sums_jobs_per_rule_from_the_log(tmp_path: Path) -> None:
     assert "| **sum of jobs** | 3 | 7.0 |" in table and "**9.0 s (0.1 min)**" in table
 
 
+def test_the_nested_planted_study_jobs_count_as_one_row(tmp_path: Path) -> None:
+    outer = _bench(tmp_path / "benchmarks/kn-tiny/controls/study.tsv", 10.0, 50.0, "0.5")
+    _bench(tmp_path / "kn-tiny/controls/benchmarks/kn-tiny/attributions/P101/000.tsv", 3.0, 300.0, "2.5")
+    _bench(tmp_path / "kn-tiny/controls/benchmarks/data/ingest.tsv", 1.0, 100.0, "1.0")
+    stages = e2e.summarise(tmp_path, f"rule planted_study:\n    benchmark: {outer}\n")
+    assert [(s.rule, s.jobs, s.wall_s, s.cpu_s, s.max_rss_mb) for s in stages] == [
+        ("planted_study", 1, 10.0, 0.5, 50.0),
+        (e2e.NESTED_RULE, 2, 4.0, 3.5, 300.0),
+    ]
+
+
 def test_a_broken_usage_record_is_named(tmp_path: Path) -> None:
     path = tmp_path / "usage.jsonl"
     path.write_text('{"stage": "probe"}\n{broken\n')
