@@ -276,13 +276,14 @@ def masked_token_accuracy(model: PreTrainedModel, heldout: Sequence[Sequence[int
     head = adapter_for(model).lm_head()
     was_training = model.training
     model.eval()
+    special_tensor = torch.tensor(sorted(specials))
     correct = unigram = total = 0
     nll = 0.0
     for start in range(0, len(heldout), batch_size):
         ids, attention = pad_sequences([list(seq) for seq in heldout[start : start + batch_size]],
                                        int(model.config.pad_token_id))
         chosen = (torch.rand(ids.shape, generator=generator) < prob) & attention.bool()
-        chosen &= ~torch.isin(ids, torch.tensor(sorted(specials)))
+        chosen &= ~torch.isin(ids, special_tensor)
         if not chosen.any():
             continue
         with torch.no_grad():
@@ -446,6 +447,24 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+class Optimiser:
+    """AdamW with BERT's schedule (:func:`lr_factor`) and gradient clipping at norm 1: one per training phase."""
+
+    def __init__(self, model: PreTrainedModel, lr: float, weight_decay: float, warmup: int, total: int) -> None:
+        self.model = model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, warmup, total))
+
+    def step(self, loss: torch.Tensor) -> float:
+        """Back-propagate ``loss``, clip, update, advance the schedule; returns the loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.detach())
+
+
 def train_masked_lm(
     model: PreTrainedModel,
     train: EncodedExamples,
@@ -482,10 +501,7 @@ def train_masked_lm(
     head = adapter.lm_head()
     generator = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)  # dropout draws
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, recipe.warmup_steps, recipe.max_steps)
-    )
+    optimiser = Optimiser(model, recipe.lr, recipe.weight_decay, recipe.warmup_steps, recipe.max_steps)
     specials = torch.tensor(list(special_ids), dtype=torch.long)
     vocab_size = model.config.vocab_size
     lengths = [len(seq) for seq in train.input_ids]
@@ -518,12 +534,7 @@ def train_masked_lm(
         if n_natural > 0:
             loss = loss + natural_loss(model, head, natural, natural_order, n_natural, recipe.natural_mask_prob, specials,
                                        mask_id, pad_id, natural_generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        history.step_loss.append(float(loss.detach()))
+        history.step_loss.append(optimiser.step(loss))
         history.steps = step + 1
         progress.update(1)
         if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.max_steps:
@@ -550,19 +561,11 @@ def pretrain_on_natural(model: PreTrainedModel, head: Callable[[torch.Tensor], t
     ``lr``), so the template phase that follows starts its optimiser and schedule as a template-only recipe
     does. ``order`` and ``generator`` carry on into the template phase's natural stream. Returns the step losses."""
     steps = recipe.natural_pretrain_steps
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.natural_pretrain_lr or recipe.lr,
-                                  weight_decay=recipe.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, recipe.warmup_steps, steps))
+    optimiser = Optimiser(model, recipe.natural_pretrain_lr or recipe.lr, recipe.weight_decay, recipe.warmup_steps, steps)
     losses: list[float] = []
     for _ in tqdm(range(steps), desc="pretrain (web text)", unit="step", mininterval=5.0):
-        loss = natural_loss(model, head, natural, order, recipe.batch_size, recipe.natural_mask_prob, specials, mask_id,
-                            pad_id, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
+        losses.append(optimiser.step(natural_loss(model, head, natural, order, recipe.batch_size, recipe.natural_mask_prob,
+                                                  specials, mask_id, pad_id, generator)))
         if len(losses) % 100 == 0:
             log.info("pretrain step %d: loss (mean of the last 100) %.4f", len(losses), sum(losses[-100:]) / 100)
     return losses
